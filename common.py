@@ -1,0 +1,342 @@
+"""Infrastructure shared by Pare's three scripts: overrides, errors, loading, data, small helpers.
+
+Nothing here is part of the algorithm; each script keeps its own maths. What lives here:
+
+- `configure(namespace, argv)`: the one override mechanism. Every script's UPPER_CASE constants
+  can be set for a single run as `uv run SCRIPT.py NAME=value ...`.
+- `UserError` and `run(main)`: a bad input becomes one `error: ...` line and exit status 2.
+- `FAMILIES` / `family_of(config)`: the small, explicit description of each supported
+  architecture's module names (Olmo 3 and Olmo 2 post-norm blocks; pre-norm Llama-family).
+- `load_tokenizer`, `load_config`, `load_model`: from a hub id or a local directory.
+- `calibration_rows(...)`: documents from a hub dataset or a local file, rendered, packed.
+- `lm_loss`: next-token loss computed in chunks of tokens, never holding full-vocab logits.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+import os
+import random
+import sys
+import types
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import torch
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors and the override mechanism
+
+class UserError(Exception):
+    """A problem with the user's input: printed as one line, exit status 2, nothing written."""
+
+
+def run(main):
+    """Call `main(sys.argv[1:])`; turn a UserError into one `error:` line and exit status 2."""
+    try:
+        main(sys.argv[1:])
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def constants(namespace: dict) -> dict:
+    """The UPPER_CASE configuration constants of a script's module namespace, in order."""
+    return {k: v for k, v in namespace.items()
+            if k.isupper() and not k.startswith("_") and not callable(v)
+            and not isinstance(v, types.ModuleType)}
+
+
+def _parse_value(name: str, raw: str, default):
+    """Parse one override: a Python literal where it is one, else the raw string; type-checked."""
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw
+    if default is None:
+        return value
+    if isinstance(default, str):
+        return value if isinstance(value, str) else raw  # MODEL=123 is a name, not a number
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+    elif isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif isinstance(default, (list, tuple)):
+        if isinstance(value, (list, tuple)):
+            return type(default)(value)
+    elif isinstance(value, type(default)):
+        return value
+    raise UserError(f"{name}={raw!r}: expected a {type(default).__name__} "
+                    f"like the default {default!r}")
+
+
+def configure(namespace: dict, argv: list[str]) -> types.SimpleNamespace:
+    """Resolve a script's constants with `NAME=value` overrides; print and return them.
+
+    `namespace` is the script's `globals()`. The module itself is not modified: the returned
+    namespace (`cfg.MODEL`, ...) is the resolved configuration for this run.
+    """
+    cfg = constants(namespace)
+    for arg in argv:
+        name, sep, raw = arg.partition("=")
+        if not sep or not name:
+            raise UserError(f"arguments are NAME=value overrides, got {arg!r}; "
+                            f"valid names: {', '.join(cfg)}")
+        if name not in cfg:
+            raise UserError(f"unknown constant {name!r}; valid names: {', '.join(cfg)}")
+        cfg[name] = _parse_value(name, raw, constants(namespace)[name])
+    width = max(len(k) for k in cfg)
+    print("config:")
+    for k, v in cfg.items():
+        print(f"  {k:<{width}} = {v!r}")
+    return types.SimpleNamespace(**cfg)
+
+
+# ----------------------------------------------------------------------------------------------
+# Architecture families: the only place that knows module names.
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """Where the parts of one decoder block live, relative to `model.model.layers[i]`."""
+    post_norm: bool   # Olmo 2/3: norms on each sub-layer's output; False: pre-norm (Llama)
+    attn_norm: str    # the norm whose output scores hidden channels for the attention block
+    mlp_norm: str     # the same for the MLP block
+    qk_norm: bool     # q_norm / k_norm over the whole projection (Olmo 2/3)
+
+
+OLMO = Family(post_norm=True, attn_norm="post_attention_layernorm",
+              mlp_norm="post_feedforward_layernorm", qk_norm=True)
+LLAMA = Family(post_norm=False, attn_norm="input_layernorm",
+               mlp_norm="post_attention_layernorm", qk_norm=False)
+FAMILIES = {"olmo3": OLMO, "olmo2": OLMO, "llama": LLAMA, "qwen2": LLAMA, "mistral": LLAMA}
+
+
+def family_of(config) -> Family:
+    """The Family of a transformers config, or a UserError naming the supported ones."""
+    family = FAMILIES.get(getattr(config, "model_type", None))
+    if family is None:
+        raise UserError(f"unsupported architecture {config.model_type!r} "
+                        f"({', '.join(getattr(config, 'architectures', None) or [])}); "
+                        f"MODEL must be one of: {', '.join(FAMILIES)}")
+    return family
+
+
+def head_dim(config) -> int:
+    """Per-head width; Olmo3Config has no declared field, the modeling code falls back like this."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def layer_types(config) -> list[str]:
+    """Per-layer attention type ('sliding_attention' / 'full_attention'); all full if undeclared."""
+    types_ = getattr(config, "layer_types", None)
+    return list(types_) if types_ else ["full_attention"] * config.num_hidden_layers
+
+
+# ----------------------------------------------------------------------------------------------
+# Devices, dtypes, loading
+
+def pick_device(device: str | None) -> str:
+    """`device` as given, else cuda when available, else cpu."""
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pick_dtype(dtype: str | None, device: str) -> torch.dtype:
+    """`dtype` by name; by default bfloat16 on GPU and float32 on CPU (bf16 is ~5x slower there)."""
+    if dtype is None:
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if not isinstance(getattr(torch, dtype, None), torch.dtype):
+        raise UserError(f"DTYPE={dtype!r} is not a torch dtype (try 'bfloat16' or 'float32')")
+    return getattr(torch, dtype)
+
+
+def load_config(name: str, trust_remote_code: bool = False):
+    """The model's config (cheap: no weights), or a UserError naming MODEL."""
+    from transformers import AutoConfig
+    try:
+        return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load a model config from MODEL={name!r}: "
+                        f"{str(e).splitlines()[0]}") from None
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False):
+    """The tokenizer of a hub id or local directory, or a UserError naming MODEL."""
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load a tokenizer from MODEL={name!r}: "
+                        f"{str(e).splitlines()[0]}") from None
+
+
+def param_count(config) -> int:
+    """Parameters of a dense Llama/Olmo-style decoder from its config alone (for placement)."""
+    h, f, n = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    hd = head_dim(config)
+    attn = h * hd * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)
+    embed = config.vocab_size * h * (1 if config.tie_word_embeddings else 2)
+    return n * (attn + 3 * h * f) + embed
+
+
+def load_model(name: str, device: str, dtype: torch.dtype, trust_remote_code: bool = False):
+    """Load a causal LM in eval mode on `device`; spread over GPUs when it does not fit one."""
+    from transformers import AutoModelForCausalLM
+    config = load_config(name, trust_remote_code)
+    placement = {"device_map": device}
+    if device == "cuda" and torch.cuda.device_count() > 1:
+        need = param_count(config) * torch.finfo(dtype).bits // 8
+        if need > 0.8 * torch.cuda.mem_get_info(0)[0]:
+            placement = {"device_map": "auto"}
+            print(f"model needs {need / 2**30:.1f} GiB, more than one GPU holds: device_map=auto")
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype,
+                                                 trust_remote_code=trust_remote_code, **placement)
+    return model.eval()
+
+
+def input_device(model) -> torch.device:
+    """Where input ids must go (the embedding's device, also under device_map='auto')."""
+    return model.get_input_embeddings().weight.device
+
+
+# ----------------------------------------------------------------------------------------------
+# Calibration data: documents -> rendered text -> tokens -> packed rows of seq_len
+
+LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
+
+
+def _documents_from_file(path: Path):
+    """Documents of a local file: .txt (blank-line separated), .jsonl or .parquet records."""
+    if path.suffix == ".txt":
+        text = path.read_text(encoding="utf-8")
+        return [d.strip() for d in text.split("\n\n") if d.strip()]
+    if path.suffix == ".jsonl":
+        records = []
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise UserError(f"DATASET={str(path)!r}: line {i + 1} is not JSON ({e})")
+        return records
+    import pyarrow.parquet as pq
+    return pq.read_table(path).to_pylist()
+
+
+def _documents_from_hub(name: str, seed: int):
+    """Stream a hub dataset (never downloaded whole), shuffled deterministically by `seed`."""
+    from datasets import load_dataset
+    try:
+        stream = load_dataset(name, split="train", streaming=True)
+    except Exception as e:  # datasets raises many types (offline, missing, gated): all mean the same
+        raise UserError(f"cannot load dataset DATASET={name!r} ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}); offline, set DATASET to a "
+                        f"local .txt, .jsonl or .parquet file") from None
+    return stream.shuffle(seed=seed, buffer_size=10_000)
+
+
+def render(doc, tokenizer) -> str:
+    """One document as text: chat `messages` through the chat template, or a `text` field."""
+    if isinstance(doc, str):
+        return doc
+    if "messages" in doc:
+        if not tokenizer.chat_template:
+            raise UserError("DATASET has a 'messages' column but MODEL's tokenizer has no chat "
+                            "template; use a dataset with a 'text' column")
+        return tokenizer.apply_chat_template(doc["messages"], tokenize=False)
+    if "text" in doc:
+        return doc["text"]
+    raise UserError(f"DATASET records need a 'messages' or 'text' column, got {sorted(doc)}")
+
+
+def calibration_rows(dataset: str, tokenizer, num_rows: int, seq_len: int, seed: int,
+                     ) -> torch.Tensor:
+    """`num_rows` rows of exactly `seq_len` token ids, packed from documents, deterministic.
+
+    Each document is rendered, tokenized without added special tokens and followed by EOS;
+    documents are concatenated and cut into rows (packing measurably helps calibration,
+    Minitron P1). Local files are shuffled with `seed`; hub datasets are streamed and shuffled
+    in a buffer with `seed`. Returns fewer rows than asked when the data runs out (at least 1).
+    """
+    path = Path(dataset)
+    if path.suffix in LOCAL_SUFFIXES or path.exists():
+        if not path.is_file():
+            raise UserError(f"DATASET={dataset!r}: no such file")
+        if path.suffix not in LOCAL_SUFFIXES:
+            raise UserError(f"DATASET={dataset!r}: local files must be {', '.join(LOCAL_SUFFIXES)}")
+        docs = _documents_from_file(path)
+        random.Random(seed).shuffle(docs)
+    else:
+        docs = _documents_from_hub(dataset, seed)
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise UserError("MODEL's tokenizer has no eos token to separate packed documents")
+    need = num_rows * seq_len
+    buf: list[int] = []
+    for doc in docs:
+        buf.extend(tokenizer(render(doc, tokenizer), add_special_tokens=False)["input_ids"])
+        buf.append(eos)
+        if len(buf) >= need:
+            break
+    if len(buf) < seq_len:
+        raise UserError(f"DATASET={dataset!r} has {len(buf)} tokens, fewer than one row of "
+                        f"SEQ_LEN={seq_len}; use more data or a smaller SEQ_LEN")
+    rows = min(num_rows, len(buf) // seq_len)
+    return torch.tensor(buf[:rows * seq_len], dtype=torch.long).view(rows, seq_len)
+
+
+def batches(rows: torch.Tensor, batch_size: int):
+    """Consecutive slices of `rows`, `batch_size` at a time (the last may be smaller)."""
+    for i in range(0, len(rows), batch_size):
+        yield rows[i:i + batch_size]
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses computed in token chunks (a 100k vocabulary makes full logits the memory peak)
+
+def lm_loss(model, ids: torch.Tensor, chunk_tokens: int = 4096) -> tuple[float, int]:
+    """Summed next-token cross-entropy (float32) and token count for rows `ids`, chunked."""
+    hidden = model.model(input_ids=ids.to(input_device(model)), use_cache=False).last_hidden_state
+    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    labels = ids[:, 1:].reshape(-1).to(hidden.device)
+    total = 0.0
+    for i in range(0, len(labels), chunk_tokens):
+        logits = model.lm_head(hidden[i:i + chunk_tokens]).float()
+        total += torch.nn.functional.cross_entropy(
+            logits, labels[i:i + chunk_tokens], reduction="sum").item()
+    return total, len(labels)
+
+
+# ----------------------------------------------------------------------------------------------
+# Paths and records
+
+def check_writable(path: str, name: str, is_dir: bool = False) -> Path:
+    """Fail before any work if `path` cannot be written (nearest existing parent not writable)."""
+    p = Path(path)
+    if p.exists() and p.is_dir() != is_dir:
+        raise UserError(f"{name}={path!r} is a {'file' if is_dir else 'directory'}; "
+                        f"expected a {'directory' if is_dir else 'file'} path")
+    parent = p.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise UserError(f"{name}={path!r} is not writable ({parent} is not a writable directory)")
+    return p
+
+
+def versions() -> dict:
+    """Versions of the packages that shape the numbers, for every artefact's record."""
+    out = {"python": sys.version.split()[0]}
+    for pkg in ("torch", "transformers", "datasets", "accelerate"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out

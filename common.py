@@ -9,7 +9,10 @@ Nothing here is part of the algorithm; each script keeps its own maths. What liv
   architecture's module names (Olmo 3 and Olmo 2 post-norm blocks; pre-norm Llama-family).
 - `load_tokenizer`, `load_config`, `load_model`: from a hub id or a local directory.
 - `calibration_rows(...)`: documents from a hub dataset or a local file, rendered, packed.
-- `lm_loss`: next-token loss computed in chunks of tokens, never holding full-vocab logits.
+- `lm_loss`, `evaluate`: held-out loss, perplexity and KL(teacher || student), computed in
+  chunks of tokens so full-vocabulary logits never exist for a whole batch.
+- `write_checkpoint`, `read_record`: an HF directory (weights, tokenizer, chat template,
+  generation config) plus Pare's `pare.json` record, written atomically.
 """
 
 from __future__ import annotations
@@ -17,8 +20,10 @@ from __future__ import annotations
 import ast
 import dataclasses
 import json
+import math
 import os
 import random
+import shutil
 import sys
 import types
 from importlib.metadata import PackageNotFoundError, version
@@ -299,19 +304,99 @@ def batches(rows: torch.Tensor, batch_size: int):
 
 
 # ----------------------------------------------------------------------------------------------
-# Losses computed in token chunks (a 100k vocabulary makes full logits the memory peak)
+# Held-out metrics computed in token chunks (a 100k vocabulary makes full logits the memory peak)
+
+def final_hidden(model, ids: torch.Tensor) -> torch.Tensor:
+    """The decoder's final (normed) hidden states for `ids`, without applying lm_head."""
+    return model.model(input_ids=ids.to(input_device(model)), use_cache=False).last_hidden_state
+
 
 def lm_loss(model, ids: torch.Tensor, chunk_tokens: int = 4096) -> tuple[float, int]:
     """Summed next-token cross-entropy (float32) and token count for rows `ids`, chunked."""
-    hidden = model.model(input_ids=ids.to(input_device(model)), use_cache=False).last_hidden_state
-    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-    labels = ids[:, 1:].reshape(-1).to(hidden.device)
+    hidden = final_hidden(model, ids)[:, :-1].flatten(0, 1)
+    labels = ids[:, 1:].flatten().to(hidden.device)
     total = 0.0
     for i in range(0, len(labels), chunk_tokens):
         logits = model.lm_head(hidden[i:i + chunk_tokens]).float()
         total += torch.nn.functional.cross_entropy(
             logits, labels[i:i + chunk_tokens], reduction="sum").item()
     return total, len(labels)
+
+
+@torch.no_grad()
+def evaluate(student, rows: torch.Tensor, batch_size: int, teacher=None,
+             chunk_tokens: int = 2048) -> dict:
+    """Held-out metrics on `rows`: student (and teacher) perplexity, KL(teacher || student).
+
+    Perplexity is exp(mean next-token NLL); KL is the mean over predicted tokens, temperature 1,
+    in nats. Logits exist only `chunk_tokens` at a time, in float32.
+    """
+    nll_s = nll_t = kl = 0.0
+    count = 0
+    for ids in batches(rows, batch_size):
+        hs = final_hidden(student, ids)[:, :-1].flatten(0, 1)
+        ht = final_hidden(teacher, ids)[:, :-1].flatten(0, 1) if teacher is not None else None
+        labels = ids[:, 1:].flatten()
+        for i in range(0, len(labels), chunk_tokens):
+            y = labels[i:i + chunk_tokens]
+            ls = student.lm_head(hs[i:i + chunk_tokens]).float().log_softmax(-1)
+            nll_s -= ls.gather(1, y.to(ls.device)[:, None]).sum().item()
+            if ht is not None:
+                lt = teacher.lm_head(ht[i:i + chunk_tokens]).float().log_softmax(-1).to(ls.device)
+                nll_t -= lt.gather(1, y.to(lt.device)[:, None]).sum().item()
+                kl += (lt.exp() * (lt - ls)).sum().item()
+        count += len(labels)
+    out = {"student_ppl": math.exp(nll_s / count), "tokens": count}
+    if teacher is not None:
+        out.update(teacher_ppl=math.exp(nll_t / count), kl=kl / count)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: an ordinary Hugging Face directory plus Pare's record, written atomically
+
+RECORD = "pare.json"  # the human-readable record next to the weights (prune.py, distill.py)
+
+
+def write_checkpoint(model, source: str, out_dir: str, record: dict,
+                     trust_remote_code: bool = False) -> Path:
+    """Save `model` as an HF directory at `out_dir`, atomically, with Pare's record.
+
+    The tokenizer files (chat template included) and generation_config.json come from `source`
+    (hub id or directory). Everything is written to a temporary sibling directory that replaces
+    `out_dir` only once complete, so a crash never leaves a half-written model behind.
+    """
+    from transformers import GenerationConfig
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        model.save_pretrained(tmp)
+        load_tokenizer(source, trust_remote_code).save_pretrained(tmp)
+        try:
+            GenerationConfig.from_pretrained(source).save_pretrained(tmp)
+        except OSError:
+            print(f"warning: {source} has no generation_config.json; none written")
+        (tmp / RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out
+
+
+def read_record(model_dir: str) -> dict | None:
+    """Pare's record of a checkpoint directory, or None if it has none."""
+    path = Path(model_dir) / RECORD
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 # ----------------------------------------------------------------------------------------------

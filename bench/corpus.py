@@ -1,0 +1,30 @@
+"""Local English text for the benchmarks and real-model checks, with no download.
+
+    uv run bench/corpus.py DIR      # writes DIR/calib.txt and DIR/eval.txt
+
+The text is the Python language reference that ships with CPython (`pydoc_data.topics`):
+English technical prose, about 1 MB. Topics are split into two disjoint halves (sorted by name,
+alternating), so calibration and evaluation never share a document. Documents are separated by
+blank lines, the .txt format `common.calibration_rows` reads.
+"""
+
+import sys
+from pathlib import Path
+
+
+def write_corpus(out_dir) -> tuple[str, str]:
+    from pydoc_data.topics import topics
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    names = sorted(topics)
+    paths = []
+    for part, chosen in (("calib", names[0::2]), ("eval", names[1::2])):
+        docs = [" ".join(topics[n].split()) for n in chosen]  # one paragraph per topic
+        path = out / f"{part}.txt"
+        path.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
+        paths.append(str(path))
+    return paths[0], paths[1]
+
+
+if __name__ == "__main__":
+    print("\n".join(write_corpus(sys.argv[1] if len(sys.argv) > 1 else "out/corpus")))

@@ -297,6 +297,35 @@ def calibration_rows(dataset: str, tokenizer, num_rows: int, seq_len: int, seed:
     return torch.tensor(buf[:rows * seq_len], dtype=torch.long).view(rows, seq_len)
 
 
+def documents(dataset: str, seed: int):
+    """The documents of DATASET: a local file shuffled with `seed`, or a hub dataset streamed."""
+    path = Path(dataset)
+    if path.suffix in LOCAL_SUFFIXES or path.exists():
+        if not path.is_file():
+            raise UserError(f"DATASET={dataset!r}: no such file")
+        if path.suffix not in LOCAL_SUFFIXES:
+            raise UserError(f"DATASET={dataset!r}: local files must be {', '.join(LOCAL_SUFFIXES)}")
+        docs = _documents_from_file(path)
+        random.Random(seed).shuffle(docs)
+        return docs
+    return _documents_from_hub(dataset, seed)
+
+
+def packed_rows(dataset: str, tokenizer, seq_len: int, seed: int):
+    """Yield rows of `seq_len` token ids one at a time, packed exactly like `calibration_rows`
+    (its first N rows are these first N rows), for data too large to hold in memory."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise UserError("MODEL's tokenizer has no eos token to separate packed documents")
+    buf: list[int] = []
+    for doc in documents(dataset, seed):
+        buf.extend(tokenizer(render(doc, tokenizer), add_special_tokens=False)["input_ids"])
+        buf.append(eos)
+        while len(buf) >= seq_len:
+            yield torch.tensor(buf[:seq_len], dtype=torch.long)
+            del buf[:seq_len]
+
+
 def batches(rows: torch.Tensor, batch_size: int):
     """Consecutive slices of `rows`, `batch_size` at a time (the last may be smaller)."""
     for i in range(0, len(rows), batch_size):

@@ -388,12 +388,14 @@ RECORD = "pare.json"  # the human-readable record next to the weights (prune.py,
 
 
 def write_checkpoint(model, source: str, out_dir: str, record: dict,
-                     trust_remote_code: bool = False) -> Path:
+                     trust_remote_code: bool = False, config_extra: dict | None = None) -> Path:
     """Save `model` as an HF directory at `out_dir`, atomically, with Pare's record.
 
     The tokenizer files (chat template included) and generation_config.json come from `source`
     (hub id or directory). Everything is written to a temporary sibling directory that replaces
     `out_dir` only once complete, so a crash never leaves a half-written model behind.
+    `config_extra`: keys merged into the saved config.json as written (e.g. legacy RoPE keys
+    that transformers' config setters would otherwise rewrite).
     """
     from transformers import GenerationConfig
     out = Path(out_dir)
@@ -403,6 +405,10 @@ def write_checkpoint(model, source: str, out_dir: str, record: dict,
         shutil.rmtree(tmp)
     try:
         model.save_pretrained(tmp)
+        if config_extra:
+            config_json = json.loads((tmp / "config.json").read_text())
+            config_json.update(config_extra)
+            (tmp / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")
         load_tokenizer(source, trust_remote_code).save_pretrained(tmp)
         try:
             GenerationConfig.from_pretrained(source).save_pretrained(tmp)

@@ -1,0 +1,587 @@
+"""Stage 3 of Pare: recover a pruned student by distilling the teacher's logits (Minitron).
+
+    uv run distill.py                                       # out/pruned -> out/distilled
+    uv run distill.py STUDENT=out/pruned DATASET=notes.txt SEQ_LEN=256 MAX_STEPS=100
+    uv run accelerate launch --num_processes 8 distill.py    # several GPUs (DDP), same constants
+
+Any constant below can be overridden for one run as NAME=value (a Python literal, else a
+string). The run reads STUDENT (the directory prune.py wrote; its `pare.json` names the source
+model, which is the teacher unless TEACHER is set) and DATASET (hub dataset with a `messages`
+or `text` column, or a local .txt / .jsonl / .parquet file, packed to SEQ_LEN exactly as
+importance_analysis.py packs it). The teacher must share the student's tokenizer (vocabulary and
+special tokens); anything else is an error before training.
+
+Loss (Minitron P1 Tables 15-16: logits-only KLD beat every mix with CE): forward
+KL(teacher || student) per token at TEMPERATURE (scaled by T^2), the mean over all tokens of the
+global batch, plus CE_WEIGHT x next-token cross-entropy (0 by default). Logits exist only
+CHUNK_TOKENS tokens at a time, for both models, also during backward: the chunked loss computes
+its gradient as it goes (the student's logits are used once and freed), so memory does not grow
+with batch x sequence x vocabulary. When the student kept fewer than (1 - HIDDEN_LOSS_DEPTH_CUT)
+of the teacher's layers, a cosine loss between student and teacher hidden states (embedding
+output and HIDDEN_LOSS_LAYERS mapped layers, through one shared trainable linear map when the
+hidden sizes differ) is added, rescaled every step to the logit loss's magnitude.
+
+Optimisation: AdamW (beta2 0.95), linear warmup then cosine decay from LR to MIN_LR, gradient
+clipping, accumulation to GLOBAL_BATCH rows per step over all processes, bf16 autocast on GPU
+(master weights float32), optional activation checkpointing. Training stops with an error on a
+NaN or an exploding loss.
+
+Held-out: EVAL_SAMPLES rows (the first rows of DATASET, never trained on, or EVAL_DATASET) give
+KL(teacher || student) and student perplexity every EVAL_EVERY steps; the teacher's perplexity
+is printed once.
+
+Checkpoints: every CHECKPOINT_EVERY steps to CHECKPOINT_DIR/step-NNNNNNN (model, optimizer,
+scheduler, data position, RNG), written atomically, the last KEEP_CHECKPOINTS kept. Running the
+same command again resumes from the latest one and continues with the same losses (bit-identical
+on CPU). Resuming re-reads and re-tokenizes the data up to the saved position. STOP_AT_STEP ends
+a run early with a checkpoint (for time-limited jobs).
+
+Writes OUTPUT: an HF directory (weights in the student's stored dtype, tokenizer, chat template,
+generation config, explicit head_dim and layer_types) with prune.py's `pare.json` record
+extended by a "distill" entry (settings, steps, tokens seen, start and final metrics).
+"""
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import common
+
+# ---- models ---------------------------------------------------------------------------------
+STUDENT = "out/pruned"                 # directory prune.py wrote (its default OUTPUT)
+TEACHER = None                         # hub id or directory; None: the source in STUDENT's pare.json
+TRUST_REMOTE_CODE = False              # let transformers run code shipped with the models
+DTYPE = None                           # teacher dtype; None: bfloat16 on GPU, float32 on CPU
+DEVICE = None                          # 'cuda', 'cpu', ...; None: cuda when available
+# ---- data -----------------------------------------------------------------------------------
+DATASET = "allenai/Dolci-Instruct-SFT" # hub dataset (messages/text column) or local .txt/.jsonl/.parquet
+EVAL_DATASET = None                    # held-out data; None: the first EVAL_SAMPLES rows of DATASET
+EVAL_SAMPLES = 32                      # held-out rows; 0 disables evaluation
+SEQ_LEN = 4096                         # tokens per packed row
+BATCH_SIZE = 4                         # rows per forward/backward (micro-batch) on each process
+GLOBAL_BATCH = 256                     # rows per optimizer step, all processes and accumulation
+SEED = 0                               # data shuffling and the hidden-state map's init
+# ---- loss -----------------------------------------------------------------------------------
+TEMPERATURE = 1.0                      # softmax temperature of the KL term (Minitron: 1)
+KL_WEIGHT = 1.0                        # weight of KL(teacher || student); 0 with CE_WEIGHT=1: plain CE
+CE_WEIGHT = 0.0                        # weight of next-token cross-entropy (Minitron: none)
+CHUNK_TOKENS = 1024                    # tokens whose full-vocabulary logits exist at once
+HIDDEN_LOSS_DEPTH_CUT = 0.3            # add hidden-state losses when this share of layers was cut
+HIDDEN_LOSS_LAYERS = 4                 # student layers mapped to teacher layers (plus embeddings)
+# ---- optimisation ---------------------------------------------------------------------------
+LR = 1e-4                              # peak learning rate (Minitron: 1e-4)
+MIN_LR = 1e-5                          # floor of the cosine decay (Minitron: 1e-5)
+WARMUP_STEPS = 50                      # linear warmup steps (Minitron: 40-100)
+TOTAL_TOKENS = 2_500_000_000           # schedule length in tokens (Minitron: most recovery by 2.5B)
+MAX_STEPS = None                       # optimizer steps; None: TOTAL_TOKENS / tokens per step
+BETA2 = 0.95                           # AdamW second-moment decay (Minitron)
+WEIGHT_DECAY = 0.0                     # AdamW decoupled weight decay (none: stay near the teacher)
+GRAD_CLIP = 1.0                        # max global gradient norm (Minitron: 1.0)
+GRADIENT_CHECKPOINTING = False         # recompute the student's activations in backward (saves memory)
+ABORT_LOSS_FACTOR = 10.0               # abort when the loss exceeds this x the run's first loss
+# ---- logging, checkpoints, output -----------------------------------------------------------
+LOG_EVERY = 10                         # steps between log lines
+EVAL_EVERY = 200                       # steps between held-out evaluations (and at start and end)
+CHECKPOINT_EVERY = 500                 # steps between checkpoints; 0: none
+KEEP_CHECKPOINTS = 2                   # most recent checkpoints kept
+CHECKPOINT_DIR = None                  # None: OUTPUT + '-checkpoints'
+STOP_AT_STEP = None                    # stop after this step with a checkpoint; None: run to the end
+OUTPUT = "out/distilled"               # final HF directory
+
+# Constants that may change between a run and its resumption (they do not affect the losses).
+_RESUMABLE = {"LOG_EVERY", "EVAL_EVERY", "CHECKPOINT_EVERY", "KEEP_CHECKPOINTS", "STOP_AT_STEP",
+              "OUTPUT", "CHECKPOINT_DIR", "DEVICE"}
+
+
+# ---- the loss -------------------------------------------------------------------------------
+
+class ChunkedDistillLoss(torch.autograd.Function):
+    """Logit loss of N tokens with full-vocabulary logits for only `chunk` tokens at a time.
+
+    loss = (kl_w * T^2 * sum KL(softmax(z_t/T) || softmax(z_s/T)) + ce_w * sum CE(z_s, y)) / N
+    with z = h @ W^T. The gradient w.r.t. the student's logits is known in closed form
+    (kl_w * T * (p_s - p_t) + ce_w * (softmax(z_s) - onehot(y))) / N, so each chunk's
+    gradients w.r.t. h_s and W_s are computed in forward and the chunk's logits freed; backward
+    only scales them. Also returns (non-differentiable) summed KL and CE for logging.
+    """
+
+    @staticmethod
+    def forward(ctx, h_s, w_s, h_t, w_t, labels, temperature, kl_w, ce_w, chunk):
+        n = h_s.shape[0]
+        wide = torch.promote_types(h_s.dtype, torch.float32)  # logits: float32 (float64 in tests)
+        w_sc = w_s.to(h_s.dtype)
+        w_tc = w_t.to(h_t.dtype) if h_t is not None else None
+        grad_h = torch.empty_like(h_s)
+        grad_w = torch.zeros(w_s.shape, dtype=wide, device=w_s.device)
+        kl_sum = torch.zeros((), dtype=torch.float64, device=h_s.device)
+        ce_sum = torch.zeros((), dtype=torch.float64, device=h_s.device)
+        for i in range(0, n, chunk):
+            hs, y = h_s[i:i + chunk], labels[i:i + chunk]
+            z_s = (hs @ w_sc.T).to(wide)
+            ls1 = z_s.log_softmax(-1)                     # temperature 1: for CE
+            ce_sum += -ls1.gather(1, y[:, None]).sum(dtype=torch.float64)
+            grad = torch.zeros_like(z_s)
+            if ce_w:
+                grad += ls1.exp()
+                grad[torch.arange(len(y), device=y.device), y] -= 1
+                grad *= ce_w
+            if kl_w:
+                ls = ls1 if temperature == 1 else (z_s / temperature).log_softmax(-1)
+                lt = ((h_t[i:i + chunk] @ w_tc.T).to(wide) / temperature).log_softmax(-1)
+                pt = lt.exp()
+                kl_sum += (pt * (lt - ls)).sum(dtype=torch.float64)
+                grad += (ls.exp() - pt) * (kl_w * temperature)
+            del z_s, ls1
+            grad = (grad / n).to(hs.dtype)
+            grad_h[i:i + chunk] = grad @ w_sc
+            grad_w += (grad.T @ hs).to(wide)
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.w_dtype = w_s.dtype
+        loss = (kl_w * temperature ** 2 * kl_sum + ce_w * ce_sum) / n
+        stats = torch.stack([kl_sum, ce_sum])
+        ctx.mark_non_differentiable(stats)
+        return loss.to(wide), stats
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_stats):
+        grad_h, grad_w = ctx.saved_tensors
+        return (grad_h * grad_loss.to(grad_h.dtype), (grad_w * grad_loss).to(ctx.w_dtype),
+                None, None, None, None, None, None, None)
+
+
+def logit_loss(h_s, w_s, h_t, w_t, labels, temperature=1.0, kl_w=1.0, ce_w=0.0, chunk=1024):
+    """Chunked logit loss of flattened tokens: (scalar loss, [kl_sum, ce_sum]) over N tokens."""
+    return ChunkedDistillLoss.apply(h_s, w_s, h_t, w_t, labels, float(temperature), float(kl_w),
+                                    float(ce_w), int(chunk))
+
+
+def direct_logit_loss(h_s, w_s, h_t, w_t, labels, temperature=1.0, kl_w=1.0, ce_w=0.0):
+    """The same loss with full logits and plain autograd (the reference the tests compare to)."""
+    wide = torch.promote_types(h_s.dtype, torch.float32)
+    z_s, z_t = (h_s @ w_s.T).to(wide), (h_t @ w_t.T).to(wide)
+    ls, lt = (z_s / temperature).log_softmax(-1), (z_t / temperature).log_softmax(-1)
+    kl = (lt.exp() * (lt - ls)).sum(-1).mean()
+    ce = torch.nn.functional.cross_entropy(z_s, labels)
+    return kl_w * temperature ** 2 * kl + ce_w * ce
+
+
+def hidden_pairs(kept: list[int], n_source: int, n_teacher: int, n_layers: int) -> list[tuple]:
+    """(student, teacher) indices into `output_hidden_states`: the embeddings (0, 0), then the
+    outputs of up to `n_layers` student layers, evenly spaced, each paired with the teacher
+    layer it was cut from (`kept` source indices, rescaled when the teacher is deeper or
+    shallower than the source). The student's last layer is excluded: the logit loss covers it.
+    """
+    n = len(kept)
+    candidates = list(range(n - 1))
+    if n_layers < len(candidates):
+        step = len(candidates) / n_layers
+        candidates = sorted({candidates[min(len(candidates) - 1, round((k + 1) * step) - 1)]
+                             for k in range(n_layers)})
+    pairs = [(0, 0)]
+    for j in candidates:
+        t = round((kept[j] + 1) * n_teacher / n_source) - 1
+        pairs.append((j + 1, t + 1))
+    return pairs
+
+
+def use_hidden_loss(n_student: int, n_teacher: int, depth_cut: float) -> bool:
+    """True when the student lost at least `depth_cut` of the teacher's layers."""
+    return 1 - n_student / n_teacher >= depth_cut - 1e-9
+
+
+def cosine_loss(h_s: torch.Tensor, h_t: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of 1 - cos(h_s, h_t), in float32."""
+    return (1 - torch.nn.functional.cosine_similarity(h_s.float(), h_t.float(), dim=-1)).mean()
+
+
+class Distiller(torch.nn.Module):
+    """The student and the shared hidden-state map as one module, so that DDP synchronises every
+    trainable weight; `forward` is one micro-batch's loss given the teacher's outputs."""
+
+    def __init__(self, student, proj, pairs, settings: dict):
+        super().__init__()
+        self.student, self.proj, self.pairs, self.settings = student, proj, pairs, settings
+
+    def forward(self, ids, t_hidden, t_weight):
+        s = self.settings
+        out = self.student.model(input_ids=ids, use_cache=False,
+                                 output_hidden_states=bool(self.pairs))
+        h_s = out.last_hidden_state[:, :-1].flatten(0, 1)
+        h_t = t_hidden[-1][:, :-1].flatten(0, 1) if t_hidden is not None else None
+        labels = ids[:, 1:].flatten()
+        loss, stats = logit_loss(h_s, self.student.lm_head.weight, h_t, t_weight, labels,
+                                 s["temperature"], s["kl_w"], s["ce_w"], s["chunk"])
+        hid = torch.zeros((), device=loss.device)
+        if self.pairs:
+            hid = sum(cosine_loss(self.proj(out.hidden_states[i]), t_hidden[j])
+                      for i, j in self.pairs) / len(self.pairs)
+            # Minitron: the intermediate loss is rescaled to the logit loss's magnitude
+            loss = loss + hid * (loss.detach() / hid.detach().clamp(min=1e-8))
+        return loss, stats, hid.detach(), labels.numel()
+
+
+def make_proj(h_s: int, h_t: int, kept_hidden: list[int] | None) -> torch.nn.Module:
+    """Identity when widths match; else a trainable Linear(h_s -> h_t), initialised to put each
+    kept channel back where it came from when prune.py recorded the kept hidden channels."""
+    if h_s == h_t:
+        return torch.nn.Identity()
+    proj = torch.nn.Linear(h_s, h_t, bias=False)
+    if kept_hidden is not None and len(kept_hidden) == h_s and max(kept_hidden) < h_t:
+        with torch.no_grad():
+            proj.weight.zero_()
+            proj.weight[torch.tensor(kept_hidden), torch.arange(h_s)] = 1.0
+    return proj
+
+
+# ---- inputs ---------------------------------------------------------------------------------
+
+def tokenizer_mismatch(a, b) -> str | None:
+    """Why two tokenizers would give different token ids, or None when they agree."""
+    if len(a) != len(b):
+        return f"vocabulary sizes differ ({len(a)} vs {len(b)} tokens)"
+    va, vb = a.get_vocab(), b.get_vocab()
+    if va != vb:
+        diff = sorted(set(va.items()) ^ set(vb.items()))[:3]
+        return f"vocabularies differ (e.g. {diff})"
+    for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        if getattr(a, name) != getattr(b, name):
+            return f"{name} differs ({getattr(a, name)!r} vs {getattr(b, name)!r})"
+    if sorted(a.all_special_tokens) != sorted(b.all_special_tokens):
+        return f"special tokens differ ({sorted(a.all_special_tokens)} vs {sorted(b.all_special_tokens)})"
+    return None
+
+
+def row_stream(dataset: str, tokenizer, seq_len: int, seed: int, held_out: int, start: int,
+               say=print):
+    """Training rows forever: DATASET's packed rows after the first `held_out`, in the same order
+    again when the data runs out, beginning after `start` rows (the resume position)."""
+    pos = 0
+    while True:
+        count = 0
+        for i, row in enumerate(common.packed_rows(dataset, tokenizer, seq_len, seed)):
+            if i < held_out:
+                continue
+            count += 1
+            if pos >= start:
+                yield row
+            pos += 1
+        if count == 0:
+            raise common.UserError(f"DATASET={dataset!r} has no rows of SEQ_LEN={seq_len} tokens "
+                                   f"left after the {held_out} held-out rows; use more data, "
+                                   f"a smaller SEQ_LEN or EVAL_DATASET")
+        if pos - count == 0 or pos < start:
+            say(f"data: DATASET has {count} training rows of {seq_len} tokens; repeating it")
+        if pos < start:
+            pos += (start - pos) // count * count
+
+
+def local_batch(stream, global_batch: int, rank: int, world: int) -> torch.Tensor:
+    """This process's share of the next global batch of rows (every process reads them all)."""
+    rows = torch.stack([next(stream) for _ in range(global_batch)])
+    share = global_batch // world
+    return rows[rank * share:(rank + 1) * share]
+
+
+def checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoint directories under `root`, oldest first."""
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step-*") if (p / "progress.json").is_file())
+
+
+def stored_dtype(config) -> torch.dtype:
+    """The dtype a checkpoint's weights were saved in (float32 when it does not say)."""
+    d = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(d, str):
+        d = getattr(torch, d, None)
+    return d if isinstance(d, torch.dtype) else torch.float32
+
+
+# ---- main -----------------------------------------------------------------------------------
+
+def validate(cfg):
+    """Cheap checks on the constants alone."""
+    for name in ("SEQ_LEN", "BATCH_SIZE", "GLOBAL_BATCH", "CHUNK_TOKENS", "LOG_EVERY",
+                 "EVAL_EVERY", "KEEP_CHECKPOINTS"):
+        if getattr(cfg, name) < 1:
+            raise common.UserError(f"{name} must be at least 1, got {getattr(cfg, name)}")
+    for name in ("EVAL_SAMPLES", "CHECKPOINT_EVERY", "WARMUP_STEPS", "HIDDEN_LOSS_LAYERS",
+                 "KL_WEIGHT", "CE_WEIGHT", "LR", "MIN_LR"):
+        if getattr(cfg, name) < 0:
+            raise common.UserError(f"{name} must be 0 or more, got {getattr(cfg, name)}")
+    if cfg.SEQ_LEN < 2:
+        raise common.UserError(f"SEQ_LEN must be at least 2 (one next-token prediction)")
+    if cfg.KL_WEIGHT == 0 and cfg.CE_WEIGHT == 0:
+        raise common.UserError("KL_WEIGHT and CE_WEIGHT are both 0: nothing to train")
+    if cfg.TEMPERATURE <= 0:
+        raise common.UserError(f"TEMPERATURE must be positive, got {cfg.TEMPERATURE}")
+    if cfg.MIN_LR > cfg.LR:
+        raise common.UserError(f"MIN_LR={cfg.MIN_LR} is above LR={cfg.LR}")
+    if cfg.MAX_STEPS is not None and (not isinstance(cfg.MAX_STEPS, int) or cfg.MAX_STEPS < 1):
+        raise common.UserError(f"MAX_STEPS must be a positive integer or None, got {cfg.MAX_STEPS!r}")
+    if cfg.STOP_AT_STEP is not None and (not isinstance(cfg.STOP_AT_STEP, int) or cfg.STOP_AT_STEP < 1):
+        raise common.UserError(f"STOP_AT_STEP must be a positive integer or None")
+
+
+def resolve_models(cfg):
+    """Student record, teacher name, configs and tokenizers, checked to be compatible."""
+    if not Path(cfg.STUDENT).is_dir():
+        raise common.UserError(f"STUDENT={cfg.STUDENT!r} is not a directory; run prune.py first "
+                               f"or set STUDENT to the pruned model's directory")
+    record = common.read_record(cfg.STUDENT)
+    teacher = cfg.TEACHER or (record or {}).get("source_model")
+    if teacher is None:
+        raise common.UserError(f"STUDENT={cfg.STUDENT!r} has no {common.RECORD} naming its source "
+                               f"model; set TEACHER")
+    s_conf = common.load_config(cfg.STUDENT, cfg.TRUST_REMOTE_CODE)
+    try:
+        t_conf = common.load_config(teacher, cfg.TRUST_REMOTE_CODE)
+    except common.UserError as e:
+        raise common.UserError(f"cannot load the teacher TEACHER={teacher!r}: {e}") from None
+    common.family_of(s_conf), common.family_of(t_conf)
+    s_tok = common.load_tokenizer(cfg.STUDENT, cfg.TRUST_REMOTE_CODE)
+    t_tok = common.load_tokenizer(teacher, cfg.TRUST_REMOTE_CODE)
+    why = tokenizer_mismatch(s_tok, t_tok)
+    if why is None and s_conf.vocab_size != t_conf.vocab_size:
+        why = f"vocab_size differs ({s_conf.vocab_size} vs {t_conf.vocab_size})"
+    if why:
+        raise common.UserError(f"student {cfg.STUDENT!r} and teacher {teacher!r} do not share a "
+                               f"tokenizer: {why}; the KL needs the same token ids")
+    return record or {}, teacher, s_conf, t_conf, s_tok
+
+
+def main(argv: list[str]) -> dict:
+    cfg = common.configure(globals(), argv)
+    validate(cfg)
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+    out_dir = common.check_writable(cfg.OUTPUT, "OUTPUT", is_dir=True)
+    ckpt_root = common.check_writable(cfg.CHECKPOINT_DIR or f"{cfg.OUTPUT}-checkpoints",
+                                      "CHECKPOINT_DIR", is_dir=True)
+    record, teacher_name, s_conf, t_conf, tokenizer = resolve_models(cfg)
+
+    device = common.pick_device(cfg.DEVICE)
+    acc = Accelerator(cpu=device == "cpu", mixed_precision="bf16" if device.startswith("cuda") else "no")
+    world, rank, main_proc = acc.num_processes, acc.process_index, acc.is_main_process
+    say = print if main_proc else (lambda *a, **k: None)
+    if cfg.GLOBAL_BATCH % (cfg.BATCH_SIZE * world):
+        raise common.UserError(f"GLOBAL_BATCH={cfg.GLOBAL_BATCH} is not a multiple of BATCH_SIZE="
+                               f"{cfg.BATCH_SIZE} x {world} processes")
+    accum = cfg.GLOBAL_BATCH // (cfg.BATCH_SIZE * world)
+    tokens_per_step = cfg.GLOBAL_BATCH * cfg.SEQ_LEN
+    max_steps = cfg.MAX_STEPS or max(1, cfg.TOTAL_TOKENS // tokens_per_step)
+    stop = min(max_steps, cfg.STOP_AT_STEP or max_steps)
+
+    # data first: empty or too-short data fails before any model is loaded
+    held = cfg.EVAL_SAMPLES if cfg.EVAL_DATASET is None else 0
+    eval_rows = torch.empty(0, cfg.SEQ_LEN, dtype=torch.long)
+    if cfg.EVAL_SAMPLES:
+        eval_rows = common.calibration_rows(cfg.EVAL_DATASET or cfg.DATASET, tokenizer,
+                                            cfg.EVAL_SAMPLES, cfg.SEQ_LEN, cfg.SEED)
+        if cfg.EVAL_DATASET is None:
+            held = len(eval_rows)
+    saved = checkpoints(ckpt_root)
+    progress = json.loads((saved[-1] / "progress.json").read_text()) if saved else None
+    if progress:
+        changed = {k: (progress["config"].get(k), v) for k, v in vars(cfg).items()
+                   if k not in _RESUMABLE and progress["config"].get(k) != v}
+        if changed:
+            raise common.UserError(f"{saved[-1]} was written with other settings {changed} "
+                                   f"(saved, now); restore them or delete {ckpt_root}")
+        if progress["world"] != world:
+            say(f"warning: checkpoint written by {progress['world']} processes, resuming on "
+                f"{world}: same data order, losses equal only within float tolerance")
+    start_step = progress["step"] if progress else 0
+    stream = row_stream(cfg.DATASET, tokenizer, cfg.SEQ_LEN, cfg.SEED, held,
+                        start_step * cfg.GLOBAL_BATCH, say)
+    first = local_batch(stream, cfg.GLOBAL_BATCH, rank, world) if start_step < stop else None
+
+    dtype = common.pick_dtype(cfg.DTYPE, device)
+    dev = str(acc.device)
+    t0 = time.time()
+    set_seed(cfg.SEED)
+    student = common.load_model(cfg.STUDENT, dev, torch.float32, cfg.TRUST_REMOTE_CODE)
+    teacher = common.load_model(teacher_name, dev, dtype, cfg.TRUST_REMOTE_CODE)
+    teacher.requires_grad_(False)
+    if cfg.GRADIENT_CHECKPOINTING:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    student.train()
+    n_s, n_t = s_conf.num_hidden_layers, t_conf.num_hidden_layers
+    kept = (record.get("kept") or {}).get("layers") or list(range(n_s))
+    n_source = (record.get("source_shape") or {}).get("num_hidden_layers", n_t)
+    pairs = []
+    if use_hidden_loss(n_s, n_t, cfg.HIDDEN_LOSS_DEPTH_CUT):
+        if len(kept) != n_s:
+            raise common.UserError(f"{common.RECORD} lists {len(kept)} kept layers but STUDENT has {n_s}")
+        pairs = hidden_pairs(kept, n_source, n_t, cfg.HIDDEN_LOSS_LAYERS)
+    kept_hidden = (record.get("kept") or {}).get("hidden") if teacher_name == record.get("source_model") else None
+    proj = make_proj(s_conf.hidden_size, t_conf.hidden_size, kept_hidden if pairs else None)
+    settings = {"temperature": cfg.TEMPERATURE, "kl_w": cfg.KL_WEIGHT, "ce_w": cfg.CE_WEIGHT,
+                "chunk": cfg.CHUNK_TOKENS}
+    model = Distiller(student, proj.to(dev) if pairs else torch.nn.Identity(), pairs, settings)
+    say(f"models: student {s_conf.architectures} {n_s} layers, teacher {teacher_name} {n_t} layers, "
+        f"on {dev} ({world} process{'es' if world > 1 else ''}), loaded in {time.time() - t0:.1f}s")
+    say(f"hidden_loss: {'on, (student, teacher) hidden states ' + str(pairs) if pairs else 'off'} "
+        f"(depth cut {1 - n_s / n_t:.0%}, threshold {cfg.HIDDEN_LOSS_DEPTH_CUT:.0%})")
+    say(f"batch: {cfg.GLOBAL_BATCH} rows x {cfg.SEQ_LEN} tokens = {tokens_per_step} tokens/step "
+        f"= {world} processes x {accum} micro-batches x {cfg.BATCH_SIZE} rows; {max_steps} steps "
+        f"= {max_steps * tokens_per_step / 1e6:.2f}M tokens")
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.LR,
+                                  betas=(0.9, cfg.BETA2), weight_decay=cfg.WEIGHT_DECAY)
+    scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer, cfg.WARMUP_STEPS, max_steps, min_lr_rate=cfg.MIN_LR / cfg.LR if cfg.LR else 0.0)
+    model, optimizer = acc.prepare(model, optimizer)
+    acc.register_for_checkpointing(scheduler)  # stepped by hand: once per optimizer step
+    if progress:
+        acc.load_state(str(saved[-1]))
+        say(f"resume: {saved[-1]} (step {start_step}, {progress['tokens']} tokens seen)")
+    inner = acc.unwrap_model(model)
+    need_teacher = cfg.KL_WEIGHT > 0 or bool(pairs)
+
+    def evaluate():
+        if not len(eval_rows):
+            return {}
+        inner.student.eval()
+        with acc.autocast():
+            m = common.evaluate(inner.student, eval_rows.to(dev), cfg.BATCH_SIZE, teacher,
+                                cfg.CHUNK_TOKENS)
+        inner.student.train()
+        return m
+
+    def save_checkpoint(step, tokens):
+        tmp = ckpt_root / f".step-{step:07d}.tmp"
+        if main_proc and tmp.exists():
+            shutil.rmtree(tmp)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        acc.wait_for_everyone()
+        if main_proc:
+            (tmp / "progress.json").write_text(json.dumps(
+                {"step": step, "tokens": tokens, "rows": step * cfg.GLOBAL_BATCH, "world": world,
+                 "ref_loss": ref_loss, "start": start_metrics, "config": vars(cfg)},
+                indent=2, default=str))
+            final = ckpt_root / f"step-{step:07d}"
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            for old in checkpoints(ckpt_root)[:-cfg.KEEP_CHECKPOINTS]:
+                shutil.rmtree(old)
+        acc.wait_for_everyone()
+
+    ref_loss = progress["ref_loss"] if progress else None
+    start_metrics = progress["start"] if progress else {}
+    tokens = progress["tokens"] if progress else 0
+    if not progress and main_proc:
+        start_metrics = evaluate()
+        if start_metrics:
+            say(f"teacher: held-out ppl {start_metrics['teacher_ppl']:.3f} on "
+                f"{start_metrics['tokens']} tokens (reference)")
+            say(f"eval step {0:>6} | kl {start_metrics['kl']:.4f} | ppl {start_metrics['student_ppl']:.3f}")
+
+    losses, metrics = [], start_metrics
+    bar = tqdm(total=stop, initial=start_step, desc="distill", disable=not main_proc)
+    t_run, tok_run = time.time(), 0
+    step = start_step
+    while step < stop:
+        t_step = time.time()
+        rows = first if first is not None else local_batch(stream, cfg.GLOBAL_BATCH, rank, world)
+        first = None
+        micro = rows.view(accum, cfg.BATCH_SIZE, cfg.SEQ_LEN).to(dev)
+        total = torch.zeros(4, dtype=torch.float64, device=dev)  # loss, kl_sum, ce_sum, hid
+        for k in range(accum):
+            ids = micro[k]
+            t_hidden, t_weight = None, teacher.lm_head.weight
+            if need_teacher:
+                with torch.no_grad(), acc.autocast():
+                    t_out = teacher.model(input_ids=ids, use_cache=False,
+                                          output_hidden_states=bool(pairs))
+                t_hidden = t_out.hidden_states if pairs else (t_out.last_hidden_state,)
+            sync = acc.no_sync(model) if k < accum - 1 else contextlib.nullcontext()
+            with sync:
+                loss, stats, hid, n_tok = model(ids, t_hidden, t_weight)
+                acc.backward(loss / accum)
+            total += torch.stack([loss.detach().double(), stats[0] / n_tok, stats[1] / n_tok,
+                                  hid.double()]) / accum
+        grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.GRAD_CLIP)
+        total = acc.reduce(total, "mean")
+        loss_v, kl_v, ce_v, hid_v = total.tolist()
+        gn = float(grad_norm)
+        if not (math.isfinite(loss_v) and math.isfinite(gn)):
+            raise common.UserError(f"loss is {loss_v}, gradient norm {gn} at step {step + 1}: "
+                                   f"training diverged; lower LR or check the data "
+                                   f"(checkpoints: {ckpt_root})")
+        ref_loss = loss_v if ref_loss is None else ref_loss
+        if loss_v > cfg.ABORT_LOSS_FACTOR * max(ref_loss, 1e-2):
+            raise common.UserError(f"loss exploded at step {step + 1}: {loss_v:.4f} > "
+                                   f"{cfg.ABORT_LOSS_FACTOR} x the first step's {ref_loss:.4f}; "
+                                   f"lower LR (checkpoints: {ckpt_root})")
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        tokens += tokens_per_step
+        tok_run += tokens_per_step
+        dt = time.time() - t_step
+        losses.append(loss_v)
+        bar.update(1)
+        if main_proc and (step % cfg.LOG_EVERY == 0 or step == stop):
+            bar.write(f"step {step:>6}/{max_steps} | loss {loss_v:.4f} | kl {kl_v:.4f} | "
+                      f"ce {ce_v:.4f} | hid {hid_v:.4f} | lr {lr:.2e} | grad {gn:.3f} | "
+                      f"{tokens_per_step / dt:,.0f} tok/s | {dt:.2f}s")
+        if eval_rows.numel() and (step % cfg.EVAL_EVERY == 0 or step == stop) and main_proc:
+            metrics = evaluate()
+            bar.write(f"eval step {step:>6} | kl {metrics['kl']:.4f} | ppl {metrics['student_ppl']:.3f}")
+        acc.wait_for_everyone()
+        if cfg.CHECKPOINT_EVERY and (step % cfg.CHECKPOINT_EVERY == 0 or step == stop < max_steps):
+            save_checkpoint(step, tokens)
+    bar.close()
+    elapsed = time.time() - t_run
+    tok_s = tok_run / elapsed if tok_run else 0.0
+
+    summary = {"steps": step, "max_steps": max_steps, "tokens": tokens, "losses": losses,
+               "start": start_metrics, "final": metrics, "tokens_per_s": tok_s,
+               "finished": step >= max_steps, "output": None}
+    if step >= max_steps and main_proc:
+        final_model = inner.student
+        final_model.config.head_dim = common.head_dim(final_model.config)
+        final_model.config.layer_types = common.layer_types(final_model.config)
+        final_model.to(stored_dtype(s_conf))
+        rec = dict(record)
+        rec.update(stage="distill", versions=common.versions(), distill={
+            "config": vars(cfg), "student": cfg.STUDENT, "teacher": teacher_name,
+            "steps": step, "tokens_seen": tokens, "processes": world,
+            "hidden_loss_pairs": pairs, "metrics": {"start": start_metrics, "final": metrics},
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        common.write_checkpoint(final_model, cfg.STUDENT, str(out_dir), rec, cfg.TRUST_REMOTE_CODE)
+        summary["output"] = str(out_dir)
+    acc.wait_for_everyone()
+    if main_proc:
+        print(f"steps: {step}/{max_steps}")
+        print(f"tokens: {tokens}")
+        print(f"tokens_per_s: {tok_s:.1f}")
+        if losses:
+            print(f"loss_first: {losses[0]:.4f}")
+            print(f"loss_last: {losses[-1]:.4f}")
+        for name, m in (("start", start_metrics), ("final", metrics)):
+            if m:
+                print(f"{name}_kl: {m['kl']:.4f}")
+                print(f"{name}_ppl: {m['student_ppl']:.3f}")
+        if start_metrics:
+            print(f"teacher_ppl: {start_metrics['teacher_ppl']:.3f}")
+        print(f"output: {summary['output'] or 'none (stopped early; rerun to resume)'}")
+    return summary
+
+
+if __name__ == "__main__":
+    common.run(main)

@@ -1,0 +1,317 @@
+"""distill.py: the chunked loss against full logits, recovery, resume, hidden losses, processes."""
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import common
+import distill
+from conftest import ROOT, make_model, make_tokenizer, olmo3_config, llama_config
+
+FAST = ["SEQ_LEN=32", "BATCH_SIZE=2", "GLOBAL_BATCH=4", "EVAL_SAMPLES=4", "LR=3e-3",
+        "MIN_LR=3e-4", "WARMUP_STEPS=2", "LOG_EVERY=1", "CHUNK_TOKENS=16"]
+
+
+def prune_like(teacher, layers, ffn=None, hidden=None):
+    """A student cut from `teacher` the way prune.py cuts one: kept layers, first `ffn` neurons,
+    first `hidden` channels (enough for these tests; prune.py chooses them by importance)."""
+    conf = teacher.config.to_dict()
+    h = hidden or teacher.config.hidden_size
+    f = ffn or teacher.config.intermediate_size
+    kw = {k: conf[k] for k in ("vocab_size", "num_attention_heads", "num_key_value_heads",
+                               "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
+                               "pad_token_id", "eos_token_id", "bos_token_id")}
+    kw.update(hidden_size=h, intermediate_size=f, num_hidden_layers=len(layers),
+              head_dim=common.head_dim(teacher.config))
+    if teacher.config.model_type == "olmo3":
+        types_ = common.layer_types(teacher.config)
+        student = make_model(olmo3_config(**kw, sliding_window=conf["sliding_window"],
+                                          layer_types=[types_[i] for i in layers]))
+    else:
+        student = make_model(llama_config(**kw))
+    src = teacher.state_dict()
+    new = {}
+    for name, p in student.state_dict().items():
+        m = re.match(r"model\.layers\.(\d+)\.(.*)", name)
+        w = src[f"model.layers.{layers[int(m[1])]}.{m[2]}" if m else name]
+        new[name] = w[tuple(slice(0, n) for n in p.shape)].clone()
+    student.load_state_dict(new)
+    return student
+
+
+def write_student(teacher_dir, student, layers, path, hidden=None):
+    student.save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    t = common.load_config(teacher_dir)
+    shape = lambda c: {"hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,  # noqa: E731
+                       "num_hidden_layers": c.num_hidden_layers,
+                       "num_attention_heads": c.num_attention_heads,
+                       "num_key_value_heads": c.num_key_value_heads, "head_dim": common.head_dim(c)}
+    kept = {"layers": list(layers)}
+    if hidden:
+        kept["hidden"] = list(range(hidden))
+    record = {"stage": "prune", "source_model": str(teacher_dir), "kept": kept,
+              "source_shape": shape(t), "shape": shape(student.config), "config": {},
+              "params": {}, "metrics": {}, "versions": common.versions()}
+    (path / common.RECORD).write_text(json.dumps(record))
+    return str(path)
+
+
+def make_teacher():
+    """A tiny random Olmo 3 with a confident output layer (a uniform one leaves nothing to learn)."""
+    teacher = make_model(olmo3_config(), seed=3)
+    with torch.no_grad():
+        teacher.lm_head.weight.mul_(10)
+    return teacher
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    from conftest import save_model
+    return save_model(make_teacher(), tmp_path_factory.mktemp("teacher"))
+
+
+@pytest.fixture(scope="module")
+def student_dir(teacher_dir, tmp_path_factory):
+    """Width-pruned student (ffn 96 -> 48, all 4 layers): no hidden-state loss."""
+    teacher = make_teacher()
+    layers = [0, 1, 2, 3]
+    return write_student(teacher_dir, prune_like(teacher, layers, ffn=48), layers,
+                         tmp_path_factory.mktemp("student"))
+
+
+def run(student, teacher_dir, text_file, out, *args):
+    return distill.main([f"STUDENT={student}", f"DATASET={text_file}", f"OUTPUT={out}", *FAST,
+                         *args])
+
+
+# ---- the loss -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("temperature,kl_w,ce_w", [(1.0, 1.0, 0.0), (2.0, 1.0, 0.5), (1.0, 0.0, 1.0)])
+def test_chunked_loss_equals_full_logits(temperature, kl_w, ce_w):
+    g = torch.Generator().manual_seed(0)
+    n, h, ht, v = 50, 16, 24, 97
+    h_s = torch.randn(n, h, generator=g, dtype=torch.float64, requires_grad=True)
+    w_s = torch.randn(v, h, generator=g, dtype=torch.float64, requires_grad=True)
+    h_t, w_t = torch.randn(n, ht, generator=g, dtype=torch.float64), torch.randn(v, ht, generator=g,
+                                                                                 dtype=torch.float64)
+    y = torch.randint(0, v, (n,), generator=g)
+    want = distill.direct_logit_loss(h_s, w_s, h_t, w_t, y, temperature, kl_w, ce_w)
+    gh, gw = torch.autograd.grad(want * 3, (h_s, w_s))
+    for chunk in (7, 50, 64):
+        got, stats = distill.logit_loss(h_s, w_s, h_t, w_t, y, temperature, kl_w, ce_w, chunk)
+        ch, cw = torch.autograd.grad(got * 3, (h_s, w_s))  # upstream gradient is applied
+        torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(ch, gh, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(cw, gw, rtol=1e-6, atol=1e-9)
+        ce = torch.nn.functional.cross_entropy(h_s @ w_s.T, y, reduction="sum")
+        assert stats[1].item() == pytest.approx(ce.item(), rel=1e-9)
+
+
+def test_chunked_loss_float32_model_gradients():
+    """Inside a real model (tied embeddings: the lm_head gradient adds to the embedding's)."""
+    teacher, student = make_model(llama_config(), seed=1), make_model(llama_config(), seed=2)
+    ids = torch.randint(2, 300, (3, 20), generator=torch.Generator().manual_seed(0))
+    h_t = common.final_hidden(teacher, ids)[:, :-1].flatten(0, 1).detach()
+    y = ids[:, 1:].flatten()
+    grads = []
+    for chunked in (True, False):
+        student.zero_grad()
+        h_s = common.final_hidden(student, ids)[:, :-1].flatten(0, 1)
+        if chunked:
+            loss, _ = distill.logit_loss(h_s, student.lm_head.weight, h_t, teacher.lm_head.weight,
+                                         y, chunk=11)
+        else:
+            loss = distill.direct_logit_loss(h_s, student.lm_head.weight, h_t,
+                                             teacher.lm_head.weight, y)
+        loss.backward()
+        grads.append({k: p.grad.clone() for k, p in student.named_parameters()})
+    for k in grads[0]:
+        torch.testing.assert_close(grads[0][k], grads[1][k], rtol=1e-4, atol=1e-6)
+
+
+def test_hidden_loss_switch_and_mapping():
+    assert not distill.use_hidden_loss(24, 32, 0.3) and distill.use_hidden_loss(22, 32, 0.3)
+    assert distill.use_hidden_loss(16, 32, 0.5) and not distill.use_hidden_loss(32, 32, 0.0001)
+    # 32 -> 16 keeping 0-15 (Minitron's depth recipe drops a contiguous late block)
+    pairs = distill.hidden_pairs(list(range(16)), 32, 32, 4)
+    assert pairs[0] == (0, 0) and len(pairs) == 5
+    assert all(t == s for s, t in pairs)  # kept layer j is source layer j
+    # keeping every other layer: student layer j's output is teacher layer 2j+1's output
+    kept = list(range(1, 32, 2))
+    assert distill.hidden_pairs(kept, 32, 32, 100) == [(0, 0)] + [(j + 1, kept[j] + 1)
+                                                                 for j in range(15)]
+    # a teacher twice as deep as the source: indices rescale
+    assert distill.hidden_pairs([0, 2, 3], 4, 8, 5) == [(0, 0), (1, 2), (2, 6)]
+    proj = distill.make_proj(3, 5, [4, 0, 2])
+    assert torch.equal(proj(torch.tensor([[1.0, 2.0, 3.0]])), torch.tensor([[2.0, 0, 3, 0, 1]]))
+
+
+def test_packed_rows_match_calibration_rows(tokenizer, text_file):
+    rows = common.calibration_rows(text_file, tokenizer, 5, 16, 0)
+    stream = common.packed_rows(text_file, tokenizer, 16, 0)
+    assert torch.equal(torch.stack([next(stream) for _ in range(5)]), rows)
+
+
+def test_row_stream_holds_out_and_repeats(tokenizer, text_file):
+    every = list(common.packed_rows(text_file, tokenizer, 64, 0))
+    stream = distill.row_stream(text_file, tokenizer, 64, 0, held_out=3, start=0, say=lambda m: 0)
+    got = [next(stream) for _ in range(2 * len(every))]
+    train = every[3:]
+    assert all(torch.equal(a, b) for a, b in zip(got, train + train))
+    later = distill.row_stream(text_file, tokenizer, 64, 0, held_out=3, start=len(train) + 2,
+                               say=lambda m: 0)
+    assert torch.equal(next(later), train[2])
+
+
+# ---- runs -----------------------------------------------------------------------------------
+
+def test_kl_falls_and_output(student_dir, teacher_dir, text_file, tmp_path):
+    out = tmp_path / "distilled"
+    s = run(student_dir, teacher_dir, text_file, out, "MAX_STEPS=20", "EVAL_EVERY=10",
+            "CHECKPOINT_EVERY=0")
+    assert s["finished"] and s["steps"] == 20 and s["tokens"] == 20 * 4 * 32
+    assert s["final"]["kl"] < 0.75 * s["start"]["kl"]
+    assert sum(s["losses"][-5:]) < sum(s["losses"][:5])
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.intermediate_size == 48 and model.config.head_dim == 16
+    assert model.config.layer_types == ["sliding_attention"] * 3 + ["full_attention"]
+    assert AutoTokenizer.from_pretrained(out).chat_template
+    rec = common.read_record(out)
+    assert rec["stage"] == "distill" and rec["kept"]["layers"] == [0, 1, 2, 3]
+    d = rec["distill"]
+    assert d["tokens_seen"] == 20 * 4 * 32 and d["teacher"] == teacher_dir
+    assert d["metrics"]["final"]["kl"] == pytest.approx(s["final"]["kl"])
+    assert d["hidden_loss_pairs"] == [] and d["config"]["MAX_STEPS"] == 20
+    # the saved model gives the final metrics again
+    rows = common.calibration_rows(text_file, make_tokenizer(), 4, 32, 0)
+    again = common.evaluate(model, rows, 2, common.load_model(teacher_dir, "cpu", torch.float32))
+    assert again["kl"] == pytest.approx(s["final"]["kl"], rel=1e-4)
+
+
+def test_kill_and_resume_is_bit_identical(student_dir, teacher_dir, text_file, tmp_path):
+    common_args = ["MAX_STEPS=7", "CHECKPOINT_EVERY=2", "KEEP_CHECKPOINTS=2", "EVAL_EVERY=100"]
+    full = run(student_dir, teacher_dir, text_file, tmp_path / "a", *common_args)
+    part = run(student_dir, teacher_dir, text_file, tmp_path / "b", *common_args, "STOP_AT_STEP=5")
+    assert not part["finished"] and part["output"] is None and not (tmp_path / "b").exists()
+    ckpts = sorted(p.name for p in (tmp_path / "b-checkpoints").iterdir())
+    assert ckpts == ["step-0000004", "step-0000005"]  # keep-last-2, the stop step saved too
+    rest = run(student_dir, teacher_dir, text_file, tmp_path / "b", *common_args)
+    assert part["losses"] + rest["losses"] == full["losses"]  # bit-identical on CPU
+    assert rest["tokens"] == full["tokens"] and rest["start"] == full["start"]
+    a = common.load_model(str(tmp_path / "a"), "cpu", torch.float32).state_dict()
+    b = common.load_model(str(tmp_path / "b"), "cpu", torch.float32).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(common.UserError, match="other settings"):
+        run(student_dir, teacher_dir, text_file, tmp_path / "b", "MAX_STEPS=7", "LR=1e-3")
+
+
+def test_hidden_loss_on_when_depth_cut(teacher_dir, text_file, tmp_path, capsys):
+    teacher = make_teacher()
+    layers = [0, 3]  # 4 -> 2 layers (50% cut), hidden 64 -> 48: a trainable map
+    student = write_student(teacher_dir, prune_like(teacher, layers, hidden=48), layers,
+                            tmp_path / "deep", hidden=48)
+    s = run(student, teacher_dir, text_file, tmp_path / "out", "MAX_STEPS=3", "EVAL_SAMPLES=0",
+            "CHECKPOINT_EVERY=0")
+    printed = capsys.readouterr().out
+    assert "hidden_loss: on, (student, teacher) hidden states [(0, 0), (1, 1)]" in printed
+    hid = [float(m) for m in re.findall(r"\| hid ([0-9.]+)", printed)]
+    assert len(hid) == 3 and all(h > 0 for h in hid)
+    assert common.read_record(tmp_path / "out")["distill"]["hidden_loss_pairs"] == [[0, 0], [1, 1]]
+    # the same student with a high threshold: off
+    run(student, teacher_dir, text_file, tmp_path / "out2", "MAX_STEPS=1", "EVAL_SAMPLES=0",
+        "CHECKPOINT_EVERY=0", "HIDDEN_LOSS_DEPTH_CUT=0.6")
+    assert "hidden_loss: off" in capsys.readouterr().out
+
+
+def test_plain_ce_and_divergence_abort(student_dir, teacher_dir, text_file, tmp_path):
+    s = run(student_dir, teacher_dir, text_file, tmp_path / "ce", "MAX_STEPS=2", "KL_WEIGHT=0.0",
+            "CE_WEIGHT=1.0", "CHECKPOINT_EVERY=0", "EVAL_SAMPLES=0")
+    assert s["finished"] and s["losses"][0] > 1.0  # cross-entropy of a random model, in nats
+    with pytest.raises(common.UserError, match="loss exploded|diverged"):
+        run(student_dir, teacher_dir, text_file, tmp_path / "boom", "MAX_STEPS=20", "LR=1e3",
+            "MIN_LR=1e3", "WARMUP_STEPS=0", "GRAD_CLIP=1e9", "CHECKPOINT_EVERY=0", "EVAL_SAMPLES=0")
+    assert not (tmp_path / "boom").exists()
+
+
+# ---- bad input: one clear error, nothing written ------------------------------------------
+
+def test_bad_inputs(student_dir, teacher_dir, text_file, tmp_path):
+    def bad(*args):
+        out = tmp_path / "out"
+        with pytest.raises(common.UserError) as e:
+            distill.main([f"DATASET={text_file}", f"OUTPUT={out}", *FAST, "MAX_STEPS=1", *args])
+        assert not out.exists() and not (tmp_path / "out-checkpoints").exists()
+        return str(e.value)
+
+    ok = f"STUDENT={student_dir}"
+    assert "run prune.py first" in bad(f"STUDENT={tmp_path / 'nowhere'}")
+    assert "cannot load the teacher" in bad(ok, f"TEACHER={tmp_path / 'nowhere'}")
+    bare = tmp_path / "bare"
+    shutil.copytree(student_dir, bare)
+    (bare / common.RECORD).unlink()
+    assert "set TEACHER" in bad(f"STUDENT={bare}")
+    # a teacher with one extra token: the token ids would not line up
+    other = tmp_path / "other"
+    make_model(olmo3_config(), seed=4).save_pretrained(other)
+    tok = make_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|extra|>"]})
+    tok.save_pretrained(other)
+    assert "do not share a tokenizer" in bad(ok, f"TEACHER={other}")
+    bigger = tmp_path / "bigger"
+    make_model(olmo3_config(vocab_size=400), seed=4).save_pretrained(bigger)
+    make_tokenizer().save_pretrained(bigger)
+    assert "vocab_size differs" in bad(ok, f"TEACHER={bigger}")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert "fewer than one row" in bad(ok, f"DATASET={empty}")
+    assert "no rows" in bad(ok, "EVAL_SAMPLES=100000")
+    assert "not a multiple" in bad(ok, "GLOBAL_BATCH=5")
+    assert "at least 1" in bad(ok, "BATCH_SIZE=0")
+    assert "nothing to train" in bad(ok, "KL_WEIGHT=0.0")
+    assert "MIN_LR" in bad(ok, "MIN_LR=1.0")
+
+
+# ---- as users run it: subprocesses --------------------------------------------------------
+
+def uv_cmd(*args):
+    uv = shutil.which("uv")
+    return [uv, "run", *args] if uv else [sys.executable, "-m", *args]
+
+
+def logged_losses(text):
+    return [float(x) for x in re.findall(r"^step +\d+/\d+ \| loss ([0-9.]+)", text, re.M)]
+
+
+def test_end_to_end_and_two_processes(student_dir, teacher_dir, text_file, tmp_path):
+    """`uv run distill.py` and `accelerate launch --num_processes 2 --cpu distill.py` as a user
+    types them; the two-process loss trajectory matches the one-process one."""
+    args = [f"STUDENT={student_dir}", f"DATASET={text_file}", *FAST, "MAX_STEPS=6",
+            "CHECKPOINT_EVERY=3", "EVAL_EVERY=3", "DEVICE=cpu"]
+    one = subprocess.run(uv_cmd("distill.py", *args, f"OUTPUT={tmp_path / 'one'}"), cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr
+    launch = ["accelerate", "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no"]
+    two = subprocess.run(uv_cmd(*launch, "distill.py", *args, f"OUTPUT={tmp_path / 'two'}"),
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    l1, l2 = logged_losses(one.stdout), logged_losses(two.stdout)
+    assert len(l1) == len(l2) == 6
+    assert l2 == pytest.approx(l1, abs=2e-4)
+    assert "2 processes x 1 micro-batches" in two.stdout
+    for out in ("one", "two"):
+        rec = common.read_record(tmp_path / out)
+        assert rec["distill"]["steps"] == 6
+        assert re.search(r"^final_kl: [0-9.]+$", (one if out == "one" else two).stdout, re.M)
+    assert rec["distill"]["processes"] == 2
+    bad = subprocess.run(uv_cmd("distill.py", "GLOBAL_BATCH=3", *args[:2], "BATCH_SIZE=2"),
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines()[-1].startswith("error: GLOBAL_BATCH=3 is not a multiple")

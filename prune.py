@@ -173,14 +173,9 @@ def validate_shape(shape: dict, src: dict, model_type: str, droppable: int, wher
             raise common.UserError(f"{where}{name}={v} is bigger than the source's {key} "
                                    f"{src[key]}; pruning only removes")
     heads, kv = shape["num_attention_heads"], shape["num_key_value_heads"]
-    src_heads, src_kv = src["num_attention_heads"], src["num_key_value_heads"]
     if heads % kv:
         raise common.UserError(f"{where}TARGET_HEADS={heads} is not divisible by the kv heads "
                                f"{kv}: every kv head needs the same number of query heads")
-    if kv == src_kv and src_kv < src_heads and heads % src_kv:
-        raise common.UserError(f"{where}TARGET_HEADS={heads}: a GQA source with {src_kv} kv heads "
-                               f"keeps the same number of query heads per group; use a multiple "
-                               f"of {src_kv}")
     if model_type in ("llama", "mistral") and shape["hidden_size"] % heads:
         ok = [m for m in range(src["hidden_size"], 0, -1) if m % heads == 0][:3]
         raise common.UserError(f"{where}TARGET_HIDDEN={shape['hidden_size']} is not a multiple of "

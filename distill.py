@@ -42,6 +42,7 @@ extended by a "distill" entry (settings, steps, tokens seen, start and final met
 """
 
 import contextlib
+import io
 import json
 import math
 import os
@@ -358,7 +359,9 @@ def resolve_models(cfg):
 
 
 def main(argv: list[str]) -> dict:
-    cfg = common.configure(globals(), argv)
+    quiet = int(os.environ.get("RANK", "0")) > 0  # launched processes other than the first
+    with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+        cfg = common.configure(globals(), argv)
     validate(cfg)
     from accelerate import Accelerator
     from accelerate.utils import set_seed

@@ -200,10 +200,14 @@ def test_kill_and_resume_is_bit_identical(student_dir, teacher_dir, text_file, t
     full = run(student_dir, teacher_dir, text_file, tmp_path / "a", *common_args)
     part = run(student_dir, teacher_dir, text_file, tmp_path / "b", *common_args, "STOP_AT_STEP=5")
     assert not part["finished"] and part["output"] is None and not (tmp_path / "b").exists()
-    ckpts = sorted(p.name for p in (tmp_path / "b-checkpoints").iterdir())
-    assert ckpts == ["step-0000004", "step-0000005"]  # keep-last-2, the stop step saved too
+    ckpts = tmp_path / "b-checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-0000004", "step-0000005"]  # last 2
+    assert part["losses"] == full["losses"][:5]
+    # killed after step 5, before its checkpoint was complete: resume from step 4
+    shutil.rmtree(ckpts / "step-0000005")
+    (ckpts / ".step-0000006.tmp").mkdir()  # a half-written checkpoint is ignored
     rest = run(student_dir, teacher_dir, text_file, tmp_path / "b", *common_args)
-    assert part["losses"] + rest["losses"] == full["losses"]  # bit-identical on CPU
+    assert rest["losses"] == full["losses"][4:]  # bit-identical on CPU
     assert rest["tokens"] == full["tokens"] and rest["start"] == full["start"]
     a = common.load_model(str(tmp_path / "a"), "cpu", torch.float32).state_dict()
     b = common.load_model(str(tmp_path / "b"), "cpu", torch.float32).state_dict()
@@ -290,14 +294,16 @@ def logged_losses(text):
 
 
 def test_end_to_end_and_two_processes(student_dir, teacher_dir, text_file, tmp_path):
-    """`uv run distill.py` and `accelerate launch --num_processes 2 --cpu distill.py` as a user
+    """`uv run distill.py` and `accelerate launch --multi_gpu --num_processes 2` (CPU) as a user
     types them; the two-process loss trajectory matches the one-process one."""
     args = [f"STUDENT={student_dir}", f"DATASET={text_file}", *FAST, "MAX_STEPS=6",
             "CHECKPOINT_EVERY=3", "EVAL_EVERY=3", "DEVICE=cpu"]
     one = subprocess.run(uv_cmd("distill.py", *args, f"OUTPUT={tmp_path / 'one'}"), cwd=ROOT,
                          capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr
-    launch = ["accelerate", "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+    # on a machine without GPUs, `--multi_gpu` is what starts torchrun (gloo on CPU);
+    # `--cpu --num_processes 2` would need MPI and silently runs one process
+    launch = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
               "--mixed_precision", "no", "--dynamo_backend", "no"]
     two = subprocess.run(uv_cmd(*launch, "distill.py", *args, f"OUTPUT={tmp_path / 'two'}"),
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -305,13 +311,28 @@ def test_end_to_end_and_two_processes(student_dir, teacher_dir, text_file, tmp_p
     l1, l2 = logged_losses(one.stdout), logged_losses(two.stdout)
     assert len(l1) == len(l2) == 6
     assert l2 == pytest.approx(l1, abs=2e-4)
-    assert "2 processes x 1 micro-batches" in two.stdout
+    assert "= 2 processes x 1 micro-batches x 2 rows" in two.stdout, two.stdout
+    assert two.stdout.count("config:") == 1  # printed by the first process only
     for out in ("one", "two"):
         rec = common.read_record(tmp_path / out)
         assert rec["distill"]["steps"] == 6
         assert re.search(r"^final_kl: [0-9.]+$", (one if out == "one" else two).stdout, re.M)
     assert rec["distill"]["processes"] == 2
-    bad = subprocess.run(uv_cmd("distill.py", "GLOBAL_BATCH=3", *args[:2], "BATCH_SIZE=2"),
-                         cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert bad.returncode == 2
-    assert bad.stderr.strip().splitlines()[-1].startswith("error: GLOBAL_BATCH=3 is not a multiple")
+
+
+def test_pipeline_by_defaults(teacher_dir, text_file, tmp_path, monkeypatch):
+    """importance_analysis.py -> prune.py -> distill.py as the README runs them: each stage finds
+    the previous one's output at its default path (here under a fresh working directory)."""
+    import importance_analysis
+    import prune
+    monkeypatch.chdir(tmp_path)
+    data = [f"DATASET={text_file}", "SEQ_LEN=32"]
+    importance_analysis.main([f"MODEL={teacher_dir}", *data, "NUM_SAMPLES=4", "LOSS_SAMPLES=2"])
+    prune.main([f"MODEL={teacher_dir}", *data, "NUM_SAMPLES=2", "TARGET_FFN=48",
+                "TARGET_HIDDEN=48"])
+    s = distill.main([*data, "BATCH_SIZE=2", "GLOBAL_BATCH=2", "MAX_STEPS=3", "EVAL_SAMPLES=2",
+                      "CHECKPOINT_EVERY=0", "WARMUP_STEPS=1"])
+    assert s["finished"] and s["output"] == "out/distilled"
+    rec = common.read_record(tmp_path / "out" / "distilled")
+    assert rec["source_model"] == teacher_dir and rec["distill"]["teacher"] == teacher_dir
+    assert rec["shape"]["intermediate_size"] == 48 and rec["distill"]["steps"] == 3

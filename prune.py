@@ -355,58 +355,75 @@ def make_plan(scores: dict, src: dict, shape: dict, layers: list[int], layer_wei
 
 # ---- slicing --------------------------------------------------------------------------------
 
-def channels(heads: list[int], hd: int) -> torch.Tensor:
+def take(w: torch.Tensor, dim: int, idx: torch.Tensor | None) -> torch.Tensor:
+    """`w` restricted to entries `idx` along `dim`; None keeps all (no copy)."""
+    return w if idx is None else w.index_select(dim, idx)
+
+
+def index(kept: list[int], size: int, device) -> torch.Tensor | None:
+    """The kept indices as a tensor, or None when all are kept in order (nothing to slice)."""
+    if kept == list(range(size)):
+        return None
+    return torch.tensor(kept, dtype=torch.long, device=device)
+
+
+def head_channels(heads: list[int], hd: int, n_heads: int, device) -> torch.Tensor | None:
     """Projection rows (or columns) of whole heads, in the given head order."""
-    return torch.tensor([h * hd + d for h in heads for d in range(hd)], dtype=torch.long)
+    return index([h * hd + d for h in heads for d in range(hd)], n_heads * hd, device)
 
 
 def pool_kv(w: torch.Tensor, groups: list[list[int]], per: int, hd: int) -> torch.Tensor:
     """K or V rows (or a k_norm gain vector) of the new kv heads: per group, the mean over the
     group's query heads of their source kv head's rows (exact when those are identical)."""
+    sources = [[h // per for h in g] for g in groups]
+    if all(set(s) == {j} for j, s in enumerate(sources)) and len(sources) * hd == len(w):
+        return w  # every kv head kept as it is
     heads = w.reshape(-1, hd, *w.shape[1:])
-    pooled = [heads[torch.tensor([h // per for h in g])].float().mean(0) for g in groups]
+    pooled = [heads[torch.tensor(s, device=w.device)].float().mean(0) for s in sources]
     return torch.stack(pooled).reshape(-1, *w.shape[1:]).to(w.dtype)
 
 
-def slice_layer(params: dict, hidden: torch.Tensor, ffn: list[int], groups: list[list[int]],
-                src: dict, gain_scale: float) -> dict:
+def slice_layer(params: dict, hidden: torch.Tensor | None, ffn: list[int],
+                groups: list[list[int]], src: dict, gain_scale: float) -> dict:
     """One block's tensors ({name relative to the block: tensor}) sliced to the kept units."""
-    hd = src["head_dim"]
-    per = src["num_attention_heads"] // src["num_key_value_heads"]
-    q_idx = channels([h for g in groups for h in g], hd).to(hidden.device)
-    f_idx = torch.tensor(ffn, dtype=torch.long, device=hidden.device)
+    hd, n_heads = src["head_dim"], src["num_attention_heads"]
+    per = n_heads // src["num_key_value_heads"]
+    device = next(iter(params.values())).device
+    q_idx = head_channels([h for g in groups for h in g], hd, n_heads, device)
+    f_idx = index(ffn, src["intermediate_size"], device)
     out = {}
     for name, w in params.items():
-        part, kind = name.rsplit(".", 1)[0], name.rsplit(".", 1)[1]
-        module = part.rsplit(".", 1)[-1]
+        module, kind = name.rsplit(".", 2)[-2:]
+        cols = kind == "weight"  # a weight has an input dimension (dim 1); a bias does not
         if module == "q_proj":
-            w = w[q_idx]
-            out[name] = w[:, hidden] if kind == "weight" else w
+            w = take(w, 0, q_idx)
+            out[name] = take(w, 1, hidden) if cols else w
         elif module in ("k_proj", "v_proj"):
             w = pool_kv(w, groups, per, hd)
-            out[name] = w[:, hidden] if kind == "weight" else w
+            out[name] = take(w, 1, hidden) if cols else w
         elif module == "o_proj":
-            out[name] = w[hidden][:, q_idx] if kind == "weight" else w[hidden]
+            out[name] = take(take(w, 0, hidden), 1, q_idx) if cols else take(w, 0, hidden)
         elif module == "q_norm":  # Olmo: over the whole projection; Qwen3-style per-head: as is
-            out[name] = w[q_idx] if w.numel() != hd else w
+            out[name] = take(w, 0, q_idx) if w.numel() != hd else w
         elif module == "k_norm":
             out[name] = pool_kv(w, groups, per, hd) if w.numel() != hd else w
         elif module in ("gate_proj", "up_proj"):
-            w = w[f_idx]
-            out[name] = w[:, hidden] if kind == "weight" else w
+            w = take(w, 0, f_idx)
+            out[name] = take(w, 1, hidden) if cols else w
         elif module == "down_proj":
-            out[name] = w[hidden][:, f_idx] if kind == "weight" else w[hidden]
+            out[name] = take(take(w, 0, hidden), 1, f_idx) if cols else take(w, 0, hidden)
         elif module.endswith("layernorm") and w.dim() == 1:
-            out[name] = w[hidden] * gain_scale
+            out[name] = take(w, 0, hidden) * gain_scale
         else:
             raise common.UserError(f"prune.py does not know how to slice the tensor {name!r}")
     return out
 
 
 def slice_state_dict(state: dict, plan: dict, src: dict, norm_correction: bool) -> dict:
-    """The pruned model's state dict: layers renumbered 0..n'-1, every axis sliced."""
-    hidden = torch.tensor(plan["hidden"], dtype=torch.long,
-                          device=next(iter(state.values())).device)
+    """The pruned model's state dict: layers renumbered 0..n'-1, every axis sliced. Tensors
+    with nothing to slice are the source's own (no copy)."""
+    device = next(iter(state.values())).device
+    hidden = index(plan["hidden"], src["hidden_size"], device)
     gain_scale = math.sqrt(src["hidden_size"] / len(plan["hidden"])) if norm_correction else 1.0
     by_layer: dict[int, dict] = {}
     out = {}
@@ -415,12 +432,12 @@ def slice_state_dict(state: dict, plan: dict, src: dict, norm_correction: bool) 
             i, rest = name.removeprefix("model.layers.").split(".", 1)
             by_layer.setdefault(int(i), {})[rest] = w
         elif name in ("model.embed_tokens.weight", "lm_head.weight"):
-            out[name] = w[:, hidden]
+            out[name] = take(w, 1, hidden)
         elif name == "model.norm.weight":
-            out[name] = w[hidden] * gain_scale
+            out[name] = take(w, 0, hidden) * gain_scale
         else:
             raise common.UserError(f"prune.py does not know how to slice the tensor {name!r}")
-    for new, i in enumerate(plan["layers"]):
+    for new, i in enumerate(tqdm(plan["layers"], desc="slice", leave=False)):
         sliced = slice_layer(by_layer[i], hidden, plan["ffn"][new], plan["kv_groups"][new], src,
                              gain_scale)
         out.update({f"model.layers.{new}.{k}": v for k, v in sliced.items()})
@@ -461,7 +478,7 @@ def build_model(config, state: dict, device: str, dtype: torch.dtype):
     from transformers.initialization import no_init_weights
     with torch.device(device), no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state, strict=True, assign=True)  # assign: no second copy
     if config.tie_word_embeddings:
         model.tie_weights()
     return model.eval()
@@ -651,7 +668,7 @@ def main(argv: list[str]) -> dict:
             del student
     t_prune = time.time() - t0
     results.sort(key=lambda r: r["metrics"]["kl"])
-    if len(results) > 1:
+    if cfg.TARGET_PARAMS is not None:
         print(f"{'rank':>4} {'hidden':>7} {'ffn':>7} {'heads':>5} {'kv':>3} {'layers':>6} "
               f"{'params':>10} {'KL':>8} {'ppl':>9}")
         for r, res in enumerate(results, 1):
@@ -661,7 +678,7 @@ def main(argv: list[str]) -> dict:
                   f"{s['num_hidden_layers']:>6} {fmt_params(res['params']['total']):>10} "
                   f"{m['kl']:8.4f} {m['student_ppl']:9.3f}")
     search = ([{**r["shape"], "params": r["params"]["total"], **r["metrics"]} for r in results]
-              if len(results) > 1 else None)
+              if cfg.TARGET_PARAMS is not None else None)
 
     written = []
     t0 = time.time()

@@ -1,0 +1,68 @@
+"""Importance vs random on a real model: held-out perplexity of the teacher, of Pare's pruned
+model, and of the same shape with random units kept (the scores file with every score replaced by
+random numbers, pruned by the same code).
+
+    uv run bench/real_prune.py MODEL SCORES EVAL_TXT OUT_DIR [SHAPE ...]
+
+SHAPE names are keys of SHAPES (default: all). Prints one `key: value` line per run and a table.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+import prune  # noqa: E402
+
+SHAPES = {  # name: overrides
+    "ffn1024": ["TARGET_FFN=1024"],
+    "h504_ffn1024": ["TARGET_HIDDEN=504", "TARGET_FFN=1024"],
+    "h504_ffn1024_nocorr": ["TARGET_HIDDEN=504", "TARGET_FFN=1024", "NORM_CORRECTION=False"],
+    "layers24_bi": ["TARGET_LAYERS=24", "DEPTH_METRIC='bi'"],
+    "layers24_loss": ["TARGET_LAYERS=24", "DEPTH_METRIC='loss'"],
+    "layers24_block": ["TARGET_LAYERS=24", "DEPTH_METRIC='block'"],
+    "heads6": ["TARGET_HEADS=6"],
+}
+RANDOM_SEEDS = (0, 1)  # random-kept baselines per shape
+EVAL_ARGS = ["NUM_SAMPLES=16", "SEQ_LEN=256", "BATCH_SIZE=4"]
+
+
+def random_scores(path: str, seed: int, out: str) -> str:
+    """The scores file with every score replaced by uniform random numbers (meta kept)."""
+    s = torch.load(path, weights_only=True)
+    g = torch.Generator().manual_seed(seed)
+    for key in ("mlp", "attention", "attn_ln", "ffn_ln"):
+        s[key] = torch.rand(s[key].shape, generator=g)
+    for key in ("layer", "layer_loss"):
+        s[key] = {i: torch.rand(1, generator=g).item() for i in s[key]}
+    torch.save(s, out)
+    return out
+
+
+def main(model, scores, eval_txt, out_dir, names):
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rnd = [random_scores(scores, seed, str(out / f"random{seed}.pt")) for seed in RANDOM_SEEDS]
+    table = []
+    for name in names:
+        args = [f"MODEL={model}", f"DATASET={eval_txt}", *EVAL_ARGS, *SHAPES[name]]
+        runs = [("pare", scores)] + [(f"random{seed}", p) for seed, p in zip(RANDOM_SEEDS, rnd)]
+        if name.endswith(("_nocorr", "_loss", "_block")):
+            runs = runs[:1]  # variants of Pare's own choices: no random baseline needed
+        for kind, path in runs:
+            res = prune.main(args + [f"SCORES={path}", f"OUTPUT={out / f'{name}-{kind}'}"])
+            m = res["results"][0]["metrics"]
+            table.append((name, kind, res["results"][0]["params"]["total"], m["teacher_ppl"],
+                          m["student_ppl"], m["kl"]))
+            print(f"result: {name} {kind} params={table[-1][2]} teacher_ppl={m['teacher_ppl']:.3f} "
+                  f"pruned_ppl={m['student_ppl']:.3f} kl={m['kl']:.4f}", flush=True)
+    print(f"{'shape':<22} {'kept by':<8} {'params':>10} {'teacher':>8} {'pruned':>9} {'KL':>7}")
+    for name, kind, p, t, s, kl in table:
+        print(f"{name:<22} {kind:<8} {p / 1e6:9.2f}M {t:8.3f} {s:9.3f} {kl:7.4f}")
+
+
+if __name__ == "__main__":
+    a = sys.argv[1:]
+    main(*a[:4], a[4:] or [n for n in SHAPES if n != "layers24_block"])

@@ -123,26 +123,33 @@ class ChunkedDistillLoss(torch.autograd.Function):
         grad_w = torch.zeros(w_s.shape, dtype=wide, device=w_s.device)
         kl_sum = torch.zeros((), dtype=torch.float64, device=h_s.device)
         ce_sum = torch.zeros((), dtype=torch.float64, device=h_s.device)
+        # one scale for the chunk's gradient, applied to the small matmul outputs, not to logits
+        scale = (kl_w * temperature if kl_w else ce_w) / n
         for i in range(0, n, chunk):
             hs, y = h_s[i:i + chunk], labels[i:i + chunk]
             z_s = (hs @ w_sc.T).to(wide)
             ls1 = z_s.log_softmax(-1)                     # temperature 1: for CE
             ce_sum += -ls1.gather(1, y[:, None]).sum(dtype=torch.float64)
-            grad = torch.zeros_like(z_s)
-            if ce_w:
-                grad += ls1.exp()
-                grad[torch.arange(len(y), device=y.device), y] -= 1
-                grad *= ce_w
-            if kl_w:
+            grad = None
+            if kl_w:                                      # grad: p_s - p_t at temperature T
                 ls = ls1 if temperature == 1 else (z_s / temperature).log_softmax(-1)
-                lt = ((h_t[i:i + chunk] @ w_tc.T).to(wide) / temperature).log_softmax(-1)
+                z_t = (h_t[i:i + chunk] @ w_tc.T).to(wide)
+                lt = (z_t if temperature == 1 else z_t / temperature).log_softmax(-1)
+                del z_t
                 pt = lt.exp()
-                kl_sum += (pt * (lt - ls)).sum(dtype=torch.float64)
-                grad += (ls.exp() - pt) * (kl_w * temperature)
-            del z_s, ls1
-            grad = (grad / n).to(hs.dtype)
-            grad_h[i:i + chunk] = grad @ w_sc
-            grad_w += (grad.T @ hs).to(wide)
+                kl_sum += torch.dot(pt.flatten(), lt.sub_(ls).flatten()).double()  # lt spent
+                del lt
+                grad = (ls.exp() if ls is ls1 and ce_w else ls.exp_()).sub_(pt)
+                del pt, ls
+            del z_s
+            if ce_w:                                      # grad: softmax(z_s) - onehot(y)
+                p1 = ls1.exp_()                           # in place: ls1 is spent
+                p1[torch.arange(len(y), device=y.device), y] -= 1
+                grad = p1 if grad is None else grad.add_(p1, alpha=ce_w / (kl_w * temperature))
+            del ls1
+            grad = grad.to(hs.dtype)
+            grad_h[i:i + chunk] = (grad @ w_sc).mul_(scale)
+            grad_w.add_(grad.T @ hs, alpha=scale)         # bf16 product on GPU, like autocast's
         ctx.save_for_backward(grad_h, grad_w)
         ctx.w_dtype = w_s.dtype
         loss = (kl_w * temperature ** 2 * kl_sum + ce_w * ce_sum) / n

@@ -52,19 +52,32 @@ NUM_SAMPLES = 1024                     # packed rows scored (Minitron P1: 1024 i
 SEQ_LEN = 4096                         # tokens per packed row
 BATCH_SIZE = 8                         # rows per forward pass
 SEED = 0                               # shuffles the documents before packing
-LOSS_SAMPLES = 16                      # further rows for the per-layer skip loss; 0 disables it
+LOSS_SAMPLES = 8                       # further rows for the per-layer skip loss (costs n_layers+1 passes); 0: off
 # ---- output ---------------------------------------------------------------------------------
 OUTPUT = "out/scores.pt"               # scores file; prune.py reads this path by default
 
 
 # ---- statistics -----------------------------------------------------------------------------
 
-def row_means(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of |x| over the real tokens of each row: [B, T, C] -> [B, C], float32."""
-    a = x.abs()
-    a.mul_(mask[..., None].to(a.dtype))
-    count = mask.sum(1, keepdim=True).clamp(min=1).float()
-    return a.sum(1, dtype=torch.float32) / count
+def row_means(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of |x| over the real tokens of each row: [B, T, C] -> [B, C], float32.
+
+    mask ([B, T], 1 for real tokens) None means every token is real (packed rows).
+    """
+    B, T, _ = x.shape
+    w = (torch.ones(B, T, device=x.device) if mask is None else mask.float())
+    w = w / w.sum(1, keepdim=True).clamp(min=1)
+    if x.dtype == torch.float32:  # a [1, T] x [T, C] product per row: the fastest CPU reduction
+        return torch.bmm(w[:, None, :], x.abs()).squeeze(1)
+    a = x.abs()  # low precision: reduce with a float32 accumulator instead of a bf16 product
+    return a.mul_(w[..., None].to(a.dtype) * T).sum(1, dtype=torch.float32) / T
+
+
+def one_minus_cos(h_in: torch.Tensor, h_out: torch.Tensor) -> torch.Tensor:
+    """1 - cos(h_in, h_out) per token ([..., D] -> [...]), computed in float32."""
+    x, y = h_in.float(), h_out.float()  # no copy when the model already runs in float32
+    norms = torch.linalg.vector_norm(x, dim=-1) * torch.linalg.vector_norm(y, dim=-1)
+    return 1 - torch.linalg.vecdot(x, y) / norms.clamp(min=1e-8)
 
 
 class Stats:
@@ -82,17 +95,20 @@ class Stats:
         self.sumsq = {"mlp": z(n, config.intermediate_size), "attention": z(n, q),
                       "attn_ln": z(n, h), "ffn_ln": z(n, h)}
         self.bi_sum, self.tokens = z(n), z(())
-        self.mask = None  # [B, T] of the batch in flight, set before each forward
+        self.mask = None  # [B, T] of the batch in flight; None when every token is real
 
     def add(self, key: str, layer: int, x: torch.Tensor):
-        m = row_means(x, self.mask.to(x.device))
+        m = row_means(x, None if self.mask is None else self.mask.to(x.device))
         self.sumsq[key][layer] += m.square().sum(0).to(self.sumsq[key].device)
 
     def add_block(self, layer: int, h_in: torch.Tensor, h_out: torch.Tensor):
-        mask = self.mask.to(h_in.device)
-        for b in range(h_in.shape[0]):  # one row at a time keeps the float32 copies small
-            cos = torch.nn.functional.cosine_similarity(h_in[b].float(), h_out[b].float(), dim=-1)
-            self.bi_sum[layer] += ((1 - cos) * mask[b]).sum().to(self.bi_sum.device)
+        # a float32 model: the whole batch at once; bf16: row by row keeps float32 copies small
+        step = h_in.shape[0] if h_in.dtype == torch.float32 else 1
+        for b in range(0, h_in.shape[0], step):
+            d = one_minus_cos(h_in[b:b + step], h_out[b:b + step])
+            if self.mask is not None:
+                d = d * self.mask[b:b + step].to(d.device)
+            self.bi_sum[layer] += d.sum().to(self.bi_sum.device)
 
 
 def attach_hooks(model, family: common.Family, stats: Stats) -> list:
@@ -136,8 +152,10 @@ def collect_scores(model, family: common.Family, rows: torch.Tensor, batch_size:
         for ids, m in tqdm(zip(common.batches(rows, batch_size), common.batches(mask, batch_size)),
                            total=math.ceil(len(rows) / batch_size), desc="importance",
                            disable=not progress):
-            stats.mask = m.to(device)
-            stats.tokens += stats.mask.sum()
+            m = m.to(device)
+            stats.mask = None if bool(m.all()) else m
+            stats.tokens += m.sum()
+            # no mask for packed rows: transformers then takes its fast causal-attention path
             model.model(input_ids=ids.to(device), attention_mask=stats.mask, use_cache=False)
     finally:
         for h in handles:

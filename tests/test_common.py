@@ -1,0 +1,81 @@
+"""common.py: data loading and packing, chunked metrics, atomic checkpoints."""
+
+import json
+import math
+import time
+
+import pytest
+import torch
+
+import common
+from conftest import make_model, olmo3_config
+
+
+def test_rows_are_packed_deterministic_and_use_the_chat_template(tokenizer, tmp_path):
+    chats = [{"messages": [{"role": "user", "content": f"question {i} about pruning"},
+                           {"role": "assistant", "content": f"answer {i}: keep the top heads"}]}
+             for i in range(40)]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("\n".join(json.dumps(c) for c in chats))
+    rows = common.calibration_rows(str(path), tokenizer, 5, 16, seed=3)
+    assert rows.shape == (5, 16)
+    assert torch.equal(rows, common.calibration_rows(str(path), tokenizer, 5, 16, seed=3))
+    assert not torch.equal(rows, common.calibration_rows(str(path), tokenizer, 5, 16, seed=4))
+    text = tokenizer.decode(rows.flatten())
+    assert "<|im_start|>user" in text and "<|endoftext|>" in text  # template, EOS between docs
+    # asking for more rows than the data holds gives what there is
+    assert len(common.calibration_rows(str(path), tokenizer, 10_000, 16, seed=3)) < 10_000
+
+
+def test_parquet_text_and_errors(tokenizer, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"text": ["pruning keeps the heads that matter"] * 30}), path)
+    assert common.calibration_rows(str(path), tokenizer, 2, 8, seed=0).shape == (2, 8)
+    pq.write_table(pa.table({"body": ["x"] * 3}), path)
+    with pytest.raises(common.UserError, match="'messages' or 'text'"):
+        common.calibration_rows(str(path), tokenizer, 2, 8, seed=0)
+    bad = tmp_path / "d.csv"
+    bad.write_text("a,b\n")
+    with pytest.raises(common.UserError, match="local files must be"):
+        common.calibration_rows(str(bad), tokenizer, 2, 8, seed=0)
+
+
+def test_offline_hub_dataset_names_the_constant(tokenizer):
+    t0 = time.time()
+    with pytest.raises(common.UserError, match="DATASET.*local"):
+        common.calibration_rows("allenai/Dolci-Instruct-SFT", tokenizer, 2, 8, seed=0)
+    assert time.time() - t0 < 60  # HF_DATASETS_OFFLINE=1: no 30 s network time-outs
+
+
+def test_evaluate_is_chunk_invariant_and_consistent():
+    model = make_model(olmo3_config())
+    other = make_model(olmo3_config(), seed=1)
+    rows = torch.randint(2, 320, (3, 17), generator=torch.Generator().manual_seed(0))
+    a = common.evaluate(other, rows, 2, teacher=model, chunk_tokens=5)
+    b = common.evaluate(other, rows, 3, teacher=model, chunk_tokens=10_000)
+    for k in ("student_ppl", "teacher_ppl", "kl"):
+        assert a[k] == pytest.approx(b[k], rel=1e-5)
+    assert a["kl"] > 0.01 and a["tokens"] == 3 * 16
+    self_kl = common.evaluate(model, rows, 3, teacher=model)
+    assert abs(self_kl["kl"]) < 1e-6
+    total, count = common.lm_loss(model, rows, chunk_tokens=7)
+    assert self_kl["student_ppl"] == pytest.approx(math.exp(total / count), rel=1e-5)
+    assert self_kl["teacher_ppl"] == pytest.approx(self_kl["student_ppl"], rel=1e-6)
+
+
+def test_write_checkpoint_is_atomic_and_complete(olmo_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = make_model(olmo3_config())
+    out = tmp_path / "ckpt"
+    common.write_checkpoint(model, olmo_dir, str(out), {"stage": "test", "n": 1})
+    assert common.read_record(str(out)) == {"stage": "test", "n": 1}
+    assert AutoTokenizer.from_pretrained(out).chat_template
+    again = AutoModelForCausalLM.from_pretrained(out)
+    torch.testing.assert_close(again.lm_head.weight, model.lm_head.weight)
+    # a failure while writing leaves the previous checkpoint as it was, and no temporary
+    with pytest.raises(common.UserError):
+        common.write_checkpoint(model, str(tmp_path / "no-such-source"), str(out), {"stage": "x"})
+    assert common.read_record(str(out)) == {"stage": "test", "n": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -270,31 +271,11 @@ def calibration_rows(dataset: str, tokenizer, num_rows: int, seq_len: int, seed:
     Minitron P1). Local files are shuffled with `seed`; hub datasets are streamed and shuffled
     in a buffer with `seed`. Returns fewer rows than asked when the data runs out (at least 1).
     """
-    path = Path(dataset)
-    if path.suffix in LOCAL_SUFFIXES or path.exists():
-        if not path.is_file():
-            raise UserError(f"DATASET={dataset!r}: no such file")
-        if path.suffix not in LOCAL_SUFFIXES:
-            raise UserError(f"DATASET={dataset!r}: local files must be {', '.join(LOCAL_SUFFIXES)}")
-        docs = _documents_from_file(path)
-        random.Random(seed).shuffle(docs)
-    else:
-        docs = _documents_from_hub(dataset, seed)
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise UserError("MODEL's tokenizer has no eos token to separate packed documents")
-    need = num_rows * seq_len
-    buf: list[int] = []
-    for doc in docs:
-        buf.extend(tokenizer(render(doc, tokenizer), add_special_tokens=False)["input_ids"])
-        buf.append(eos)
-        if len(buf) >= need:
-            break
-    if len(buf) < seq_len:
-        raise UserError(f"DATASET={dataset!r} has {len(buf)} tokens, fewer than one row of "
-                        f"SEQ_LEN={seq_len}; use more data or a smaller SEQ_LEN")
-    rows = min(num_rows, len(buf) // seq_len)
-    return torch.tensor(buf[:rows * seq_len], dtype=torch.long).view(rows, seq_len)
+    rows = list(itertools.islice(packed_rows(dataset, tokenizer, seq_len, seed), num_rows))
+    if not rows:
+        raise UserError(f"DATASET={dataset!r} holds fewer tokens than one row (SEQ_LEN={seq_len}); "
+                        f"fewer than one row: use more data or a smaller SEQ_LEN")
+    return torch.stack(rows)
 
 
 def documents(dataset: str, seed: int):

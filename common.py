@@ -273,8 +273,8 @@ def calibration_rows(dataset: str, tokenizer, num_rows: int, seq_len: int, seed:
     """
     rows = list(itertools.islice(packed_rows(dataset, tokenizer, seq_len, seed), num_rows))
     if not rows:
-        raise UserError(f"DATASET={dataset!r} holds fewer tokens than one row (SEQ_LEN={seq_len}); "
-                        f"fewer than one row: use more data or a smaller SEQ_LEN")
+        raise UserError(f"DATASET={dataset!r} yields fewer than one row of SEQ_LEN={seq_len} "
+                        f"tokens; use more data or a smaller SEQ_LEN")
     return torch.stack(rows)
 
 

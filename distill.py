@@ -3,6 +3,7 @@
     uv run distill.py                                       # out/pruned -> out/distilled
     uv run distill.py STUDENT=out/pruned DATASET=notes.txt SEQ_LEN=256 MAX_STEPS=100
     uv run accelerate launch --num_processes 8 distill.py    # several GPUs (DDP), same constants
+    uv run accelerate launch --multi_gpu --num_processes 2 distill.py DEVICE=cpu   # 2 CPU processes
 
 Any constant below can be overridden for one run as NAME=value (a Python literal, else a
 string). The run reads STUDENT (the directory prune.py wrote; its `pare.json` names the source
@@ -25,6 +26,11 @@ Optimisation: AdamW (beta2 0.95), linear warmup then cosine decay from LR to MIN
 clipping, accumulation to GLOBAL_BATCH rows per step over all processes, bf16 autocast on GPU
 (master weights float32), optional activation checkpointing. Training stops with an error on a
 NaN or an exploding loss.
+
+Processes: GLOBAL_BATCH is split over the processes, each reading the same packed stream and
+taking its share; gradients are averaged by DDP, so N processes follow the one-process loss
+trajectory within float tolerance. Every process holds the whole student and teacher: sharding
+them (FSDP) is not supported yet.
 
 Held-out: EVAL_SAMPLES rows (the first rows of DATASET, never trained on, or EVAL_DATASET) give
 KL(teacher || student) and student perplexity every EVAL_EVERY steps; the teacher's perplexity

@@ -36,7 +36,9 @@ NUM_CANDIDATES of them are built and ranked by KL(teacher || candidate) on the h
 the best SAVE_TOP are written (OUTPUT, OUTPUT-2, ...) for light retraining before choosing.
 
 Held-out rows come from DATASET; when it is the scores file's dataset with the same SEED, the
-tokens importance_analysis.py used are skipped so the metrics are never measured on them.
+tokens importance_analysis.py used are skipped so the metrics are never measured on them. The
+same rows choose the 'block' run and rank budget candidates, so the printed metrics of a chosen
+model are slightly optimistic; evaluate on other data for an unbiased number.
 Every target is validated before any weight is loaded; a bad one is one `error:` line, exit 2.
 """
 

@@ -660,12 +660,15 @@ def main(argv: list[str]) -> dict:
         student = build_model(new_config, sliced, device, dtype)
         del sliced
         t_slice = time.time() - ts
+        te = time.time()
         metrics = common.evaluate(student, rows, cfg.BATCH_SIZE, teacher=teacher)
+        t_eval = time.time() - te
         if not math.isfinite(metrics["kl"]):
             raise RuntimeError(f"KL is {metrics['kl']} for shape {shape}: the slicing is broken")
         results.append({"shape": {k: shape[k] for k in _SHAPE_KEYS}, "plan": plan,
                         "metrics": metrics, "params": param_count(shape, config),
-                        "model": student if len(shapes) == 1 else None, "t_slice": t_slice})
+                        "model": student if len(shapes) == 1 else None, "t_slice": t_slice,
+                        "t_eval": t_eval})
         if len(shapes) > 1:
             del student
     t_prune = time.time() - t0
@@ -731,7 +734,9 @@ def main(argv: list[str]) -> dict:
     print(f"time: load {t_load:.1f}s, prune+eval {t_prune:.1f}s (slice+build {best['t_slice']:.1f}s), "
           f"save {t_save:.1f}s")
     print(f"output: {', '.join(str(w) for w in written)}")
-    return {"results": results, "written": written, "before": before}
+    return {"results": results, "written": written, "before": before,
+            "time": {"load": t_load, "prune_and_eval": t_prune, "save": t_save,
+                     "eval": sum(r["t_eval"] for r in results)}}
 
 
 if __name__ == "__main__":

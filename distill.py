@@ -429,7 +429,11 @@ def main(argv: list[str]) -> dict:
     teacher = common.load_model(teacher_name, dev, dtype, cfg.TRUST_REMOTE_CODE)
     teacher.requires_grad_(False)
     if cfg.GRADIENT_CHECKPOINTING:
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(student, "activation_checkpointing_enable"):  # transformers >= 5.2x
+            student.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     student.train()
     n_s, n_t = s_conf.num_hidden_layers, t_conf.num_hidden_layers
     kept = (record.get("kept") or {}).get("layers") or list(range(n_s))

@@ -336,3 +336,11 @@ def test_pipeline_by_defaults(teacher_dir, text_file, tmp_path, monkeypatch):
     rec = common.read_record(tmp_path / "out" / "distilled")
     assert rec["source_model"] == teacher_dir and rec["distill"]["teacher"] == teacher_dir
     assert rec["shape"]["intermediate_size"] == 48 and rec["distill"]["steps"] == 3
+
+
+def test_activation_checkpointing_same_losses(student_dir, teacher_dir, text_file, tmp_path):
+    args = ["MAX_STEPS=2", "EVAL_SAMPLES=0", "CHECKPOINT_EVERY=0"]
+    plain = run(student_dir, teacher_dir, text_file, tmp_path / "a", *args)
+    ckpt = run(student_dir, teacher_dir, text_file, tmp_path / "b", *args,
+               "GRADIENT_CHECKPOINTING=True")
+    assert ckpt["losses"] == pytest.approx(plain["losses"], rel=1e-5)

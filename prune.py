@@ -359,7 +359,7 @@ def make_plan(scores: dict, src: dict, shape: dict, layers: list[int], layer_wei
 
 def take(w: torch.Tensor, dim: int, idx: torch.Tensor | None) -> torch.Tensor:
     """`w` restricted to entries `idx` along `dim`; None keeps all (no copy)."""
-    return w if idx is None else w.index_select(dim, idx)
+    return w if idx is None else w.index_select(dim, idx.to(w.device))
 
 
 def index(kept: list[int], size: int, device) -> torch.Tensor | None:
@@ -480,6 +480,7 @@ def build_model(config, state: dict, device: str, dtype: torch.dtype):
     from transformers.initialization import no_init_weights
     with torch.device(device), no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    state = {k: v.to(device) for k, v in state.items()}  # a no-op unless spread over GPUs
     model.load_state_dict(state, strict=True, assign=True)  # assign: no second copy
     if config.tie_word_embeddings:
         model.tie_weights()

@@ -556,8 +556,10 @@ def main(argv: list[str]) -> dict:
         losses.append(loss_v)
         bar.update(1)
         if main_proc and (step % cfg.LOG_EVERY == 0 or step == stop):
-            bar.write(f"step {step:>6}/{max_steps} | loss {loss_v:.4f} | kl {kl_v:.4f} | "
-                      f"ce {ce_v:.4f} | hid {hid_v:.4f} | lr {lr:.2e} | grad {gn:.3f} | "
+            kl_s = f"{kl_v:.4f}" if need_teacher and cfg.KL_WEIGHT else "-"  # not computed
+            hid_s = f"{hid_v:.4f}" if pairs else "-"
+            bar.write(f"step {step:>6}/{max_steps} | loss {loss_v:.4f} | kl {kl_s} | "
+                      f"ce {ce_v:.4f} | hid {hid_s} | lr {lr:.2e} | grad {gn:.3f} | "
                       f"{tokens_per_step / dt:,.0f} tok/s | {dt:.2f}s")
         if eval_rows.numel() and (step % cfg.EVAL_EVERY == 0 or step == stop) and main_proc:
             metrics = evaluate()

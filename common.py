@@ -140,6 +140,22 @@ def head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
+def shape_of(config) -> dict:
+    """The sizes Pare prunes, as recorded in scores files and checkpoint records."""
+    return {"hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
+            "num_attention_heads": config.num_attention_heads,
+            "num_key_value_heads": config.num_key_value_heads,
+            "num_hidden_layers": config.num_hidden_layers, "head_dim": head_dim(config)}
+
+
+def stored_dtype(config, fallback: torch.dtype = torch.float32) -> torch.dtype:
+    """The dtype a checkpoint's weights were saved in (`fallback` when its config does not say)."""
+    d = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(d, str):
+        d = getattr(torch, d, None)
+    return d if isinstance(d, torch.dtype) else fallback
+
+
 def layer_types(config) -> list[str]:
     """Per-layer attention type ('sliding_attention' / 'full_attention'); all full if undeclared."""
     types_ = getattr(config, "layer_types", None)

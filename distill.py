@@ -310,14 +310,6 @@ def checkpoints(root: Path) -> list[Path]:
     return sorted(p for p in root.glob("step-*") if (p / "progress.json").is_file())
 
 
-def stored_dtype(config) -> torch.dtype:
-    """The dtype a checkpoint's weights were saved in (float32 when it does not say)."""
-    d = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(d, str):
-        d = getattr(torch, d, None)
-    return d if isinstance(d, torch.dtype) else torch.float32
-
-
 # ---- main -----------------------------------------------------------------------------------
 
 def validate(cfg):
@@ -578,7 +570,7 @@ def main(argv: list[str]) -> dict:
         final_model = inner.student
         final_model.config.head_dim = common.head_dim(final_model.config)
         final_model.config.layer_types = common.layer_types(final_model.config)
-        final_model.to(stored_dtype(s_conf))
+        final_model.to(common.stored_dtype(s_conf))
         rec = dict(record)
         rec.update(stage="distill", versions=common.versions(), distill={
             "config": vars(cfg), "student": cfg.STUDENT, "teacher": teacher_name,

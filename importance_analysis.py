@@ -281,11 +281,7 @@ def main(argv: list[str]) -> dict:
     scores["meta"] = {
         "config": vars(cfg), "model": cfg.MODEL, "architecture": config.architectures,
         "model_type": config.model_type, "layer_types": types_,
-        "shape": {"hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
-                  "num_hidden_layers": config.num_hidden_layers,
-                  "num_attention_heads": config.num_attention_heads,
-                  "num_key_value_heads": config.num_key_value_heads,
-                  "head_dim": common.head_dim(config), "vocab_size": config.vocab_size},
+        "shape": {**common.shape_of(config), "vocab_size": config.vocab_size},
         "num_samples": len(calib), "num_tokens": tokens, "loss_samples": len(held_out),
         "loss_tokens": len(held_out) * (cfg.SEQ_LEN - 1), "dtype": str(dtype).removeprefix("torch."),
         "versions": common.versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -108,13 +108,6 @@ def same_model(a: str, b: str) -> bool:
     return a == b
 
 
-def source_shape(config) -> dict:
-    return {"hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
-            "num_attention_heads": config.num_attention_heads,
-            "num_key_value_heads": config.num_key_value_heads,
-            "num_hidden_layers": config.num_hidden_layers, "head_dim": common.head_dim(config)}
-
-
 def load_scores(path: str, config, model: str) -> dict:
     """The scores file, checked against the model: same recorded model, same shapes."""
     if not Path(path).is_file():
@@ -132,7 +125,7 @@ def load_scores(path: str, config, model: str) -> dict:
     if not same_model(str(meta.get("model")), model):
         raise common.UserError(f"SCORES={path!r} was made from MODEL={meta.get('model')!r}, "
                                f"not {model!r}")
-    want = {**source_shape(config), "vocab_size": config.vocab_size}
+    want = {**common.shape_of(config), "vocab_size": config.vocab_size}
     got = {k: meta.get("shape", {}).get(k) for k in want}
     if got != want:
         diff = ", ".join(f"{k} {got[k]} vs {want[k]}" for k in want if got[k] != want[k])
@@ -575,13 +568,6 @@ def held_out_rows(cfg, tokenizer, meta: dict) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def source_dtype(config, fallback: torch.dtype) -> torch.dtype:
-    d = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(d, str):
-        d = getattr(torch, d, None)
-    return d if isinstance(d, torch.dtype) else fallback
-
-
 def shape_line(src: dict, shape: dict) -> str:
     short = {"hidden_size": "hidden", "intermediate_size": "ffn", "num_attention_heads": "heads",
              "num_key_value_heads": "kv_heads", "num_hidden_layers": "layers"}
@@ -596,14 +582,14 @@ def main(argv: list[str]) -> dict:
     config = common.load_config(cfg.MODEL, cfg.TRUST_REMOTE_CODE)
     family = common.family_of(config)
     scores = load_scores(cfg.SCORES, config, cfg.MODEL)
-    src = source_shape(config)
+    src = common.shape_of(config)
     types_ = common.layer_types(config)
     protected = protected_layers(types_, cfg.KEEP_FULL_ATTENTION)
     droppable = [i for i in range(src["num_hidden_layers"]) if i not in protected]
     device = common.pick_device(cfg.DEVICE)
     dtype = common.pick_dtype(cfg.DTYPE, device)
     save_dtype = (common.pick_dtype(cfg.SAVE_DTYPE, device) if cfg.SAVE_DTYPE
-                  else source_dtype(config, dtype))
+                  else common.stored_dtype(config, dtype))
     if cfg.DEPTH_METRIC == "loss" and not scores.get("layer_loss"):
         raise common.UserError(f"DEPTH_METRIC='loss' needs per-layer losses, but SCORES="
                                f"{cfg.SCORES!r} has none (made with LOSS_SAMPLES=0); use 'bi' "

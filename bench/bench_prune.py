@@ -55,7 +55,7 @@ def fake_scores(model_dir: str, out: Path) -> str:
                 "ffn_ln": torch.rand(H), "layer": {i: float(i) for i in range(n)},
                 "layer_loss": {}, "base_loss": None,
                 "meta": {"model": model_dir, "config": {},
-                         "shape": {**prune.source_shape(config), "vocab_size": config.vocab_size}}},
+                         "shape": {**common.shape_of(config), "vocab_size": config.vocab_size}}},
                out)
     return str(out)
 
@@ -70,7 +70,7 @@ def main():
     scores = fake_scores(model_dir, OUT / "scores.pt")
     _, eval_txt = write_corpus(OUT / "corpus")
     config = common.load_config(model_dir)
-    print(f"model: {kind} {model_dir} ({prune.fmt_params(prune.param_count(prune.source_shape(config), config)['total'])})")
+    print(f"model: {kind} {model_dir} ({prune.fmt_params(prune.param_count(common.shape_of(config), config)['total'])})")
 
     def load_save():
         t0 = time.perf_counter()

@@ -64,13 +64,15 @@ def row_means(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
     mask ([B, T], 1 for real tokens) None means every token is real (packed rows).
     """
-    B, T, _ = x.shape
-    w = (torch.ones(B, T, device=x.device) if mask is None else mask.float())
-    w = w / w.sum(1, keepdim=True).clamp(min=1)
+    count = (torch.full((x.shape[0], 1), x.shape[1], device=x.device) if mask is None
+             else mask.sum(1, keepdim=True).clamp(min=1)).float()
     if x.dtype == torch.float32:  # a [1, T] x [T, C] product per row: the fastest CPU reduction
-        return torch.bmm(w[:, None, :], x.abs()).squeeze(1)
-    a = x.abs()  # low precision: reduce with a float32 accumulator instead of a bf16 product
-    return a.mul_(w[..., None].to(a.dtype) * T).sum(1, dtype=torch.float32) / T
+        w = torch.ones(x.shape[:2], device=x.device) if mask is None else mask.float()
+        return torch.bmm(w[:, None, :], x.abs()).squeeze(1) / count
+    a = x.abs()  # bf16 / fp16: sum with a float32 accumulator, never a low-precision product
+    if mask is not None:
+        a.mul_(mask[..., None].to(a.dtype))
+    return a.sum(1, dtype=torch.float32) / count
 
 
 def one_minus_cos(h_in: torch.Tensor, h_out: torch.Tensor) -> torch.Tensor:

@@ -75,6 +75,28 @@ def test_scores_match_brute_force(make_config):
         assert math.isclose(got["layer"][i], bi, rel_tol=1e-5, abs_tol=1e-6)
 
 
+def test_bfloat16_path_accumulates_in_float32():
+    """GPU users run bf16: statistics must equal float64 maths on the same bf16 activations."""
+    model = make_model(olmo3_config()).to(torch.bfloat16)
+    family = common.family_of(model.config)
+    rows = rows_of(model, n=3, t=16)
+    mask = torch.ones_like(rows)
+    mask[1, 11:] = 0  # exercise the masked bf16 reduction too (rows are scored as given)
+    got = ia.collect_scores(model, family, rows, batch_size=3, mask=mask, progress=False)
+    assert got["mlp"].dtype == torch.float32
+    masked = ia.collect_scores(model, family, rows[1:2, :11], batch_size=1, progress=False)
+    unmasked = ia.collect_scores(model, family, rows[[0, 2]], batch_size=2, progress=False)
+    for key in ("mlp", "attention"):  # squared scores add over rows; bf16 kernels differ by shape
+        torch.testing.assert_close(got[key].square(),
+                                   masked[key].square() + unmasked[key].square(),
+                                   rtol=3e-2, atol=1e-3)
+    want = brute_force(model, family, rows[[0, 2]])
+    for key in ("mlp", "attention", "attn_ln", "ffn_ln"):
+        torch.testing.assert_close(unmasked[key].double(), want[key], rtol=1e-4, atol=1e-5)
+    for i, bi in enumerate(want["layer"]):
+        assert math.isclose(unmasked["layer"][i], bi, rel_tol=1e-3, abs_tol=1e-5)
+
+
 @pytest.mark.parametrize("make_config", [olmo3_config, llama_config], ids=["olmo3", "llama-gqa"])
 def test_zeroed_layer_and_neurons(make_config):
     model = make_model(make_config())

@@ -323,7 +323,7 @@ def validate(cfg):
         if getattr(cfg, name) < 0:
             raise common.UserError(f"{name} must be 0 or more, got {getattr(cfg, name)}")
     if cfg.SEQ_LEN < 2:
-        raise common.UserError(f"SEQ_LEN must be at least 2 (one next-token prediction)")
+        raise common.UserError("SEQ_LEN must be at least 2 (one next-token prediction)")
     if cfg.KL_WEIGHT == 0 and cfg.CE_WEIGHT == 0:
         raise common.UserError("KL_WEIGHT and CE_WEIGHT are both 0: nothing to train")
     if cfg.TEMPERATURE <= 0:
@@ -333,7 +333,7 @@ def validate(cfg):
     if cfg.MAX_STEPS is not None and (not isinstance(cfg.MAX_STEPS, int) or cfg.MAX_STEPS < 1):
         raise common.UserError(f"MAX_STEPS must be a positive integer or None, got {cfg.MAX_STEPS!r}")
     if cfg.STOP_AT_STEP is not None and (not isinstance(cfg.STOP_AT_STEP, int) or cfg.STOP_AT_STEP < 1):
-        raise common.UserError(f"STOP_AT_STEP must be a positive integer or None")
+        raise common.UserError("STOP_AT_STEP must be a positive integer or None")
 
 
 def resolve_models(cfg):

@@ -221,8 +221,8 @@ def test_hidden_loss_on_when_depth_cut(teacher_dir, text_file, tmp_path, capsys)
     layers = [0, 3]  # 4 -> 2 layers (50% cut), hidden 64 -> 48: a trainable map
     student = write_student(teacher_dir, prune_like(teacher, layers, hidden=48), layers,
                             tmp_path / "deep", hidden=48)
-    s = run(student, teacher_dir, text_file, tmp_path / "out", "MAX_STEPS=3", "EVAL_SAMPLES=0",
-            "CHECKPOINT_EVERY=0")
+    run(student, teacher_dir, text_file, tmp_path / "out", "MAX_STEPS=3", "EVAL_SAMPLES=0",
+        "CHECKPOINT_EVERY=0")
     printed = capsys.readouterr().out
     assert "hidden_loss: on, (student, teacher) hidden states [(0, 0), (1, 1)]" in printed
     hid = [float(m) for m in re.findall(r"\| hid ([0-9.]+)", printed)]

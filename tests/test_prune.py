@@ -208,7 +208,7 @@ def run_main(model_dir, scores, data, out, *args):
 
 
 def test_checkpoint_reloads_with_config_record_and_generate(yarn_olmo, tmp_path, capsys):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     model_dir, scores, data = yarn_olmo
     out = tmp_path / "pruned"
     run_main(model_dir, scores, data, out, "TARGET_HIDDEN=48", "TARGET_FFN=64", "TARGET_HEADS=2",

@@ -9,7 +9,7 @@ Nothing here is part of the algorithm; each script keeps its own maths. What liv
   architecture's module names (Olmo 3 and Olmo 2 post-norm blocks; pre-norm Llama-family).
 - `load_tokenizer`, `load_config`, `load_model`: from a hub id or a local directory.
 - `calibration_rows(...)`: documents from a hub dataset or a local file, rendered, packed.
-- `lm_loss`, `evaluate`: held-out loss, perplexity and KL(teacher || student), computed in
+- `lm_loss`, `skip_loss`, `evaluate`: held-out loss (also with layers skipped), perplexity and KL(teacher || student), computed in
   chunks of tokens so full-vocabulary logits never exist for a whole batch.
 - `write_checkpoint`, `read_record`: an HF directory (weights, tokenizer, chat template,
   generation config) plus Pare's `pare.json` record, written atomically.
@@ -199,13 +199,22 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
                         f"{str(e).splitlines()[0]}") from None
 
 
-def param_count(config) -> int:
-    """Parameters of a dense Llama/Olmo-style decoder from its config alone (for placement)."""
-    h, f, n = config.hidden_size, config.intermediate_size, config.num_hidden_layers
-    hd = head_dim(config)
-    attn = h * hd * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)
+def param_count(shape: dict, config) -> dict:
+    """Exact parameters of a dense Llama/Olmo-style decoder of `shape` (a `shape_of` dict; norms
+    and biases in): {"total", "non_embedding"}. `config` supplies vocabulary, ties and biases."""
+    h, f, n, hd = (shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"],
+                   shape["head_dim"])
+    q, kv = shape["num_attention_heads"] * hd, shape["num_key_value_heads"] * hd
+    attn = h * (2 * q + 2 * kv)
+    if family_of(config).qk_norm:
+        attn += q + kv
+    if getattr(config, "attention_bias", config.model_type == "qwen2"):
+        attn += q + 2 * kv + (h if config.model_type != "qwen2" else 0)
+    mlp = 3 * h * f + (f * 2 + h if getattr(config, "mlp_bias", False) else 0)
+    layer = attn + mlp + 2 * h
     embed = config.vocab_size * h * (1 if config.tie_word_embeddings else 2)
-    return n * (attn + 3 * h * f) + embed
+    total = n * layer + embed + h
+    return {"total": total, "non_embedding": total - embed}
 
 
 def load_model(name: str, device: str, dtype: torch.dtype, trust_remote_code: bool = False):
@@ -214,7 +223,7 @@ def load_model(name: str, device: str, dtype: torch.dtype, trust_remote_code: bo
     config = load_config(name, trust_remote_code)
     placement = {"device_map": device}
     if device == "cuda" and torch.cuda.device_count() > 1:
-        need = param_count(config) * torch.finfo(dtype).bits // 8
+        need = param_count(shape_of(config), config)["total"] * torch.finfo(dtype).bits // 8
         if need > 0.8 * torch.cuda.mem_get_info(0)[0]:
             placement = {"device_map": "auto"}
             print(f"model needs {need / 2**30:.1f} GiB, more than one GPU holds: device_map=auto")
@@ -347,6 +356,30 @@ def lm_loss(model, ids: torch.Tensor, chunk_tokens: int = 4096) -> tuple[float, 
         total += torch.nn.functional.cross_entropy(
             logits, labels[i:i + chunk_tokens], reduction="sum").item()
     return total, len(labels)
+
+
+@torch.no_grad()
+def skip_loss(model, rows: torch.Tensor, batch_size: int, skip=()) -> float:
+    """Mean LM loss on `rows` with the decoder layers in `skip` replaced by the identity.
+
+    Skipping is a forward hook that returns the block's input as its output, so the model is
+    never edited (layer indices, layer_types and the KV cache stay consistent).
+    """
+    def identity(mod, args, kwargs, out):
+        h_in = args[0] if args else kwargs["hidden_states"]
+        return (h_in, *out[1:]) if isinstance(out, tuple) else h_in
+
+    handles = [model.model.layers[i].register_forward_hook(identity, with_kwargs=True)
+               for i in skip]
+    try:
+        total = count = 0
+        for ids in batches(rows, batch_size):
+            s, c = lm_loss(model, ids)
+            total, count = total + s, count + c
+    finally:
+        for h in handles:
+            h.remove()
+    return total / count
 
 
 @torch.no_grad()

@@ -176,33 +176,13 @@ def collect_scores(model, family: common.Family, rows: torch.Tensor, batch_size:
     }
 
 
-@torch.no_grad()
 def layer_skip_losses(model, rows: torch.Tensor, batch_size: int, progress: bool = True,
                       ) -> tuple[float, dict]:
-    """Mean LM loss on `rows`, and its increase when each single layer is skipped.
-
-    Skipping is a forward hook that returns the block's input as its output, so the model is
-    never edited (layer indices, layer_types and the KV cache stay consistent).
-    """
-    def mean_loss():
-        total = count = 0
-        for ids in common.batches(rows, batch_size):
-            s, c = common.lm_loss(model, ids)
-            total, count = total + s, count + c
-        return total / count
-
-    def identity(mod, args, kwargs, out):
-        h_in = args[0] if args else kwargs["hidden_states"]
-        return (h_in, *out[1:]) if isinstance(out, tuple) else h_in
-
-    base = mean_loss()
-    increase = {}
-    for i, block in enumerate(tqdm(model.model.layers, desc="layer-skip loss", disable=not progress)):
-        handle = block.register_forward_hook(identity, with_kwargs=True)
-        try:
-            increase[i] = mean_loss() - base
-        finally:
-            handle.remove()
+    """Mean LM loss on `rows`, and its increase when each single layer is skipped."""
+    base = common.skip_loss(model, rows, batch_size)
+    layers = range(len(model.model.layers))
+    increase = {i: common.skip_loss(model, rows, batch_size, [i]) - base
+                for i in tqdm(layers, desc="layer-skip loss", disable=not progress)}
     return base, increase
 
 

@@ -213,23 +213,6 @@ def check_constants(cfg):
 
 # ---- parameter counts -----------------------------------------------------------------------
 
-def param_count(shape: dict, config) -> dict:
-    """Exact parameters of a dense Llama/Olmo-style decoder of `shape` (norms and biases in)."""
-    h, f, n, hd = (shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"],
-                   shape["head_dim"])
-    q, kv = shape["num_attention_heads"] * hd, shape["num_key_value_heads"] * hd
-    attn = h * (2 * q + 2 * kv)
-    if common.family_of(config).qk_norm:
-        attn += q + kv
-    if getattr(config, "attention_bias", config.model_type == "qwen2"):
-        attn += q + 2 * kv + (h if config.model_type != "qwen2" else 0)
-    mlp = 3 * h * f + (f * 2 + h if getattr(config, "mlp_bias", False) else 0)
-    layer = attn + mlp + 2 * h
-    embed = config.vocab_size * h * (1 if config.tie_word_embeddings else 2)
-    total = n * layer + embed + h
-    return {"total": total, "non_embedding": total - embed}
-
-
 def fmt_params(n: float) -> str:
     return f"{n / 1e9:.3f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
 
@@ -482,32 +465,11 @@ def build_model(config, state: dict, device: str, dtype: torch.dtype):
 
 # ---- depth: cost of skipping runs of layers -------------------------------------------------
 
-@torch.no_grad()
-def skip_loss(model, rows: torch.Tensor, batch_size: int, skip: list[int]) -> float:
-    """Mean LM loss on `rows` with the layers in `skip` replaced by the identity (hooks; the
-    model itself is not edited)."""
-    def identity(mod, args, kwargs, out):
-        h_in = args[0] if args else kwargs["hidden_states"]
-        return (h_in, *out[1:]) if isinstance(out, tuple) else h_in
-
-    handles = [model.model.layers[i].register_forward_hook(identity, with_kwargs=True)
-               for i in skip]
-    try:
-        total = count = 0
-        for ids in common.batches(rows, batch_size):
-            s, c = common.lm_loss(model, ids)
-            total, count = total + s, count + c
-    finally:
-        for h in handles:
-            h.remove()
-    return total / count
-
-
 def block_costs(model, rows, batch_size, droppable: list[int], n_drop: int) -> dict:
     """{run of layers: held-out loss with the run skipped} for every contiguous run (within the
     droppable layers) of n_drop layers (Minitron P2: one contiguous block beat BI and PPL)."""
     runs = contiguous_runs(droppable, n_drop)
-    return {tuple(r): skip_loss(model, rows, batch_size, r)
+    return {tuple(r): common.skip_loss(model, rows, batch_size, r)
             for r in tqdm(runs, desc=f"block cost ({n_drop} layers)")}
 
 
@@ -536,7 +498,7 @@ def candidate_shapes(cfg, src: dict, config, droppable: int) -> tuple[list[dict]
                  "num_hidden_layers": n}
         if config.model_type in ("llama", "mistral") and h % nh:
             continue
-        p = param_count(shape, config)["total"]
+        p = common.param_count(shape, config)["total"]
         if cfg.TARGET_PARAMS * (1 - cfg.BUDGET_TOLERANCE) <= p <= cfg.TARGET_PARAMS:
             window.append({**shape, "params": p})
     window.sort(key=lambda s: -s["params"])
@@ -594,7 +556,7 @@ def main(argv: list[str]) -> dict:
         raise common.UserError(f"DEPTH_METRIC='loss' needs per-layer losses, but SCORES="
                                f"{cfg.SCORES!r} has none (made with LOSS_SAMPLES=0); use 'bi' "
                                f"or 'block'")
-    before = param_count(src, config)
+    before = common.param_count(src, config)
 
     if cfg.TARGET_PARAMS is None:
         shapes = [target_shape(cfg, src)]
@@ -653,7 +615,7 @@ def main(argv: list[str]) -> dict:
         if not math.isfinite(metrics["kl"]):
             raise RuntimeError(f"KL is {metrics['kl']} for shape {shape}: the slicing is broken")
         results.append({"shape": {k: shape[k] for k in _SHAPE_KEYS}, "plan": plan,
-                        "metrics": metrics, "params": param_count(shape, config),
+                        "metrics": metrics, "params": common.param_count(shape, config),
                         "model": student if len(shapes) == 1 else None, "t_slice": t_slice,
                         "t_eval": t_eval})
         if len(shapes) > 1:

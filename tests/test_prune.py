@@ -170,7 +170,7 @@ def test_param_count_formula_matches_models():
     for config in (olmo3_config(), llama_config(), olmo3_config(num_key_value_heads=2)):
         src = common.shape_of(config)
         model = make_model(config)
-        assert prune.param_count(src, config)["total"] == sum(p.numel() for p in model.parameters())
+        assert common.param_count(src, config)["total"] == sum(p.numel() for p in model.parameters())
 
 
 def test_choose_layers_metrics_and_protection():
@@ -273,7 +273,7 @@ def test_budget_search_ranks_and_writes_top(yarn_olmo, tmp_path, capsys):
     model_dir, scores, data = yarn_olmo
     out = tmp_path / "pruned"
     config = common.load_config(model_dir)
-    budget = 0.8 * prune.param_count(common.shape_of(config), config)["total"]
+    budget = 0.8 * common.param_count(common.shape_of(config), config)["total"]
     result = run_main(model_dir, scores, data, out, f"TARGET_PARAMS={budget}", "HIDDEN_STEP=16",
                       "FFN_STEP=16", "BUDGET_TOLERANCE=0.1", "SEARCH_DEPTH=True",
                       "NUM_CANDIDATES=3", "SAVE_TOP=2")
@@ -301,7 +301,7 @@ def test_end_to_end_subprocess(yarn_olmo, tmp_path):
     assert f"output: {tmp_path / 'shape'}" in shape.stdout
     assert common.read_record(tmp_path / "shape")["shape"]["hidden_size"] == 32
     config = common.load_config(model_dir)
-    budget = int(0.7 * prune.param_count(common.shape_of(config), config)["total"])
+    budget = int(0.7 * common.param_count(common.shape_of(config), config)["total"])
     search = subprocess.run(cmd + common_args + [f"TARGET_PARAMS={budget}", "HIDDEN_STEP=16",
                                                  "FFN_STEP=32", "BUDGET_TOLERANCE=0.15",
                                                  "NUM_CANDIDATES=2", f"OUTPUT={tmp_path / 'budget'}"],

@@ -3,6 +3,7 @@
     uv run distill.py                                       # out/pruned -> out/distilled
     uv run distill.py STUDENT=out/pruned DATASET=notes.txt SEQ_LEN=256 MAX_STEPS=100
     uv run accelerate launch --num_processes 8 distill.py    # several GPUs (DDP), same constants
+    uv run accelerate launch --num_processes 8 distill.py FSDP=True   # models too big for one GPU
     uv run accelerate launch --multi_gpu --num_processes 2 distill.py DEVICE=cpu   # 2 CPU processes
 
 Any constant below can be overridden for one run as NAME=value (a Python literal, else a
@@ -28,16 +29,22 @@ clipping, accumulation to GLOBAL_BATCH rows per step over all processes, bf16 au
 NaN or an exploding loss.
 
 Processes: GLOBAL_BATCH is split over the processes, each reading the same packed stream and
-taking its share; gradients are averaged by DDP, so N processes follow the one-process loss
-trajectory within float tolerance. Every process holds the whole student and teacher: sharding
-them (FSDP) is not supported yet.
+taking its share; gradients are averaged over processes, so N processes follow the one-process
+loss trajectory within float tolerance. By default (DDP) every process holds the whole student
+and teacher. FSDP=True (or `accelerate launch --use_fsdp`) shards both over the processes with
+PyTorch FSDP2 (`fully_shard`, one group per decoder layer, bf16 compute with float32 master
+weights and gradient reduction on GPU): a process holds 1/N of each model's weights, the
+student's optimizer state and gradients, plus the layer being computed. The teacher's output
+layer is kept whole on every process (the chunked loss reads it directly). Every process first
+loads both models into CPU memory, then moves its shards to its GPU.
 
 Held-out: EVAL_SAMPLES rows (the first rows of DATASET, never trained on, or EVAL_DATASET) give
 KL(teacher || student) and student perplexity every EVAL_EVERY steps; the teacher's perplexity
 is printed once.
 
 Checkpoints: every CHECKPOINT_EVERY steps to CHECKPOINT_DIR/step-NNNNNNN (model, optimizer,
-scheduler, data position, RNG), written atomically, the last KEEP_CHECKPOINTS kept. Running the
+scheduler, data position, RNG; with FSDP as a torch.distributed.checkpoint directory that any
+number of processes can load), written atomically, the last KEEP_CHECKPOINTS kept. Running the
 same command again resumes from the latest one and continues with the same losses (bit-identical
 on CPU). Resuming re-reads and re-tokenizes the data up to the saved position. STOP_AT_STEP ends
 a run early with a checkpoint (for time-limited jobs).
@@ -67,6 +74,7 @@ TEACHER = None                         # hub id or directory; None: the source i
 TRUST_REMOTE_CODE = False              # let transformers run code shipped with the models
 DTYPE = None                           # teacher dtype; None: bfloat16 on GPU, float32 on CPU
 DEVICE = None                          # 'cuda', 'cpu', ...; None: cuda when available
+FSDP = False                           # shard student and teacher over the processes (FSDP2)
 # ---- data -----------------------------------------------------------------------------------
 DATASET = "allenai/Dolci-Instruct-SFT" # hub dataset (messages/text column) or local .txt/.jsonl/.parquet
 EVAL_DATASET = None                    # held-out data; None: the first EVAL_SAMPLES rows of DATASET
@@ -240,6 +248,10 @@ class Distiller(torch.nn.Module):
             loss = loss + hid * (loss.detach() / hid.detach().clamp(min=1e-8))
         return loss, stats, hid.detach(), labels.numel()
 
+    def held_out(self, rows, batch_size, teacher, chunk):
+        """common.evaluate on the student (a method, so that FSDP can gather it for the call)."""
+        return common.evaluate(self.student, rows, batch_size, teacher, chunk)
+
 
 def make_proj(h_s: int, h_t: int, kept_hidden: list[int] | None) -> torch.nn.Module:
     """Identity when widths match; else a trainable Linear(h_s -> h_t), initialised to put each
@@ -310,6 +322,79 @@ def checkpoints(root: Path) -> list[Path]:
     return sorted(p for p in root.glob("step-*") if (p / "progress.json").is_file())
 
 
+# ---- sharding (FSDP2) -----------------------------------------------------------------------
+
+def shard_models(model: Distiller, teacher, bf16: bool) -> None:
+    """Shard the Distiller (student + map) and the teacher's decoder over all processes in place.
+
+    Each decoder layer is one FSDP2 group, gathered just before it runs and freed after; the rest
+    (embeddings, final norm, lm_head, map) is the root group, gathered for the whole forward. The
+    teacher's lm_head stays whole on every process. Parameters on the CPU move to this process's
+    device as they are sharded, one layer at a time.
+    """
+    from torch.distributed.fsdp import (MixedPrecisionPolicy, fully_shard,
+                                        register_fsdp_forward_method)
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16
+          else MixedPrecisionPolicy())
+    for layer in model.student.model.layers:
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    register_fsdp_forward_method(model, "held_out")  # gathers the root group like forward
+    for layer in teacher.model.layers:
+        fully_shard(layer)
+    fully_shard(teacher.model)
+
+
+def local_share(module) -> tuple[int, int]:
+    """(elements this process holds, elements in all) of a module's parameters."""
+    from torch.distributed.tensor import DTensor
+    mine = total = 0
+    for p in module.parameters():
+        total += p.numel()
+        mine += p.to_local().numel() if isinstance(p, DTensor) else p.numel()
+    return mine, total
+
+
+def save_sharded(path: Path, model, optimizer, scheduler, rank: int) -> None:
+    """Model and optimizer as a torch.distributed.checkpoint (each process writes its shards),
+    scheduler and this process's RNG next to it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    msd, osd = get_state_dict(model, optimizer)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(path))
+    torch.save({"scheduler": scheduler.state_dict(), "rng": torch.get_rng_state()},
+               path / f"extra-{rank}.pt")
+
+
+def load_sharded(path: Path, model, optimizer, scheduler, rank: int) -> None:
+    """Inverse of save_sharded; the checkpoint may come from another number of processes."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    msd, osd = get_state_dict(model, optimizer)
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=state["model"],
+                   optim_state_dict=state["optim"])
+    extra = path / f"extra-{rank}.pt"
+    extra = torch.load(extra if extra.exists() else path / "extra-0.pt", weights_only=True)
+    scheduler.load_state_dict(extra["scheduler"])
+    torch.set_rng_state(extra["rng"])
+
+
+def full_student(model, student_dir: str, trust_remote_code: bool):
+    """The sharded student gathered into an ordinary model on the first process (None on the
+    others); every process must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                               cpu_offload=True))
+    if not sd:
+        return None
+    student = common.load_model(student_dir, "cpu", torch.float32, trust_remote_code)
+    student.load_state_dict({k.removeprefix("student."): v for k, v in sd.items()
+                             if k.startswith("student.")})
+    return student
+
+
 # ---- main -----------------------------------------------------------------------------------
 
 def validate(cfg):
@@ -369,7 +454,7 @@ def main(argv: list[str]) -> dict:
         cfg = common.configure(globals(), argv)
     validate(cfg)
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedType, set_seed
     from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
     out_dir = common.check_writable(cfg.OUTPUT, "OUTPUT", is_dir=True)
@@ -381,6 +466,10 @@ def main(argv: list[str]) -> dict:
     acc = Accelerator(cpu=device == "cpu", mixed_precision="bf16" if device.startswith("cuda") else "no")
     world, rank, main_proc = acc.num_processes, acc.process_index, acc.is_main_process
     say = print if main_proc else (lambda *a, **k: None)
+    shard = cfg.FSDP or acc.distributed_type == DistributedType.FSDP
+    if shard and world < 2:
+        raise common.UserError("FSDP=True shards the models over several processes; start them "
+                               "with `accelerate launch --num_processes N distill.py FSDP=True`")
     if cfg.GLOBAL_BATCH % (cfg.BATCH_SIZE * world):
         raise common.UserError(f"GLOBAL_BATCH={cfg.GLOBAL_BATCH} is not a multiple of BATCH_SIZE="
                                f"{cfg.BATCH_SIZE} x {world} processes")
@@ -417,8 +506,9 @@ def main(argv: list[str]) -> dict:
     dev = str(acc.device)
     t0 = time.time()
     set_seed(cfg.SEED)
-    student = common.load_model(cfg.STUDENT, dev, torch.float32, cfg.TRUST_REMOTE_CODE)
-    teacher = common.load_model(teacher_name, dev, dtype, cfg.TRUST_REMOTE_CODE)
+    load_dev = "cpu" if shard else dev  # FSDP moves each shard to `dev` as it cuts it
+    student = common.load_model(cfg.STUDENT, load_dev, torch.float32, cfg.TRUST_REMOTE_CODE)
+    teacher = common.load_model(teacher_name, load_dev, dtype, cfg.TRUST_REMOTE_CODE)
     teacher.requires_grad_(False)
     if cfg.GRADIENT_CHECKPOINTING:
         kwargs = {"use_reentrant": False}
@@ -435,11 +525,18 @@ def main(argv: list[str]) -> dict:
         if len(kept) != n_s:
             raise common.UserError(f"{common.RECORD} lists {len(kept)} kept layers but STUDENT has {n_s}")
         pairs = hidden_pairs(kept, n_source, n_t, cfg.HIDDEN_LOSS_LAYERS)
-    kept_hidden = (record.get("kept") or {}).get("hidden") if teacher_name == record.get("source_model") else None
+    same_source = teacher_name == record.get("source_model")
+    kept_hidden = (record.get("kept") or {}).get("hidden") if same_source else None
     proj = make_proj(s_conf.hidden_size, t_conf.hidden_size, kept_hidden if pairs else None)
     settings = {"temperature": cfg.TEMPERATURE, "kl_w": cfg.KL_WEIGHT, "ce_w": cfg.CE_WEIGHT,
                 "chunk": cfg.CHUNK_TOKENS}
-    model = Distiller(student, proj.to(dev) if pairs else torch.nn.Identity(), pairs, settings)
+    model = Distiller(student, proj.to(load_dev) if pairs else torch.nn.Identity(), pairs, settings)
+    if shard:
+        shard_models(model, teacher, bf16=device.startswith("cuda"))
+        teacher.lm_head.to(dev)
+        (s_mine, s_all), (t_mine, t_all) = local_share(model), local_share(teacher.model)
+        say(f"fsdp: {world} processes; this one holds {s_mine:,} of {s_all:,} student parameters "
+            f"and {t_mine:,} of {t_all:,} teacher decoder parameters")
     say(f"models: student {s_conf.architectures} {n_s} layers, teacher {teacher_name} {n_t} layers, "
         f"on {dev} ({world} process{'es' if world > 1 else ''}), loaded in {time.time() - t0:.1f}s")
     say(f"hidden_loss: {'on, (student, teacher) hidden states ' + str(pairs) if pairs else 'off'} "
@@ -452,12 +549,16 @@ def main(argv: list[str]) -> dict:
                                   betas=(0.9, cfg.BETA2), weight_decay=cfg.WEIGHT_DECAY)
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(
         optimizer, cfg.WARMUP_STEPS, max_steps, min_lr_rate=cfg.MIN_LR / cfg.LR if cfg.LR else 0.0)
-    model, optimizer = acc.prepare(model, optimizer)
-    acc.register_for_checkpointing(scheduler)  # stepped by hand: once per optimizer step
+    if not shard:
+        model, optimizer = acc.prepare(model, optimizer)
+        acc.register_for_checkpointing(scheduler)  # stepped by hand: once per optimizer step
     if progress:
-        acc.load_state(str(saved[-1]))
+        if shard:
+            load_sharded(saved[-1], model, optimizer, scheduler, rank)
+        else:
+            acc.load_state(str(saved[-1]))
         say(f"resume: {saved[-1]} (step {start_step}, {progress['tokens']} tokens seen)")
-    inner = acc.unwrap_model(model)
+    inner = model if shard else acc.unwrap_model(model)
     need_teacher = cfg.KL_WEIGHT > 0 or bool(pairs)
 
     def evaluate():
@@ -465,8 +566,7 @@ def main(argv: list[str]) -> dict:
             return {}
         inner.student.eval()
         with acc.autocast():
-            m = common.evaluate(inner.student, eval_rows.to(dev), cfg.BATCH_SIZE, teacher,
-                                cfg.CHUNK_TOKENS)
+            m = inner.held_out(eval_rows.to(dev), cfg.BATCH_SIZE, teacher, cfg.CHUNK_TOKENS)
         inner.student.train()
         return m
 
@@ -475,7 +575,10 @@ def main(argv: list[str]) -> dict:
         if main_proc and tmp.exists():
             shutil.rmtree(tmp)
         acc.wait_for_everyone()
-        acc.save_state(str(tmp))
+        if shard:
+            save_sharded(tmp, model, optimizer, scheduler, rank)
+        else:
+            acc.save_state(str(tmp))
         acc.wait_for_everyone()
         if main_proc:
             (tmp / "progress.json").write_text(json.dumps(
@@ -493,7 +596,7 @@ def main(argv: list[str]) -> dict:
     ref_loss = progress["ref_loss"] if progress else None
     start_metrics = progress["start"] if progress else {}
     tokens = progress["tokens"] if progress else 0
-    if not progress and main_proc:
+    if not progress and (main_proc or shard):  # under FSDP every process takes part
         start_metrics = evaluate()
         if start_metrics:
             say(f"teacher: held-out ppl {start_metrics['teacher_ppl']:.3f} on "
@@ -518,13 +621,20 @@ def main(argv: list[str]) -> dict:
                     t_out = teacher.model(input_ids=ids, use_cache=False,
                                           output_hidden_states=bool(pairs))
                 t_hidden = t_out.hidden_states if pairs else (t_out.last_hidden_state,)
-            sync = acc.no_sync(model) if k < accum - 1 else contextlib.nullcontext()
+            if shard:  # reduce-scatter gradients only after the last micro-batch
+                model.set_requires_gradient_sync(k == accum - 1)
+            sync = (acc.no_sync(model) if k < accum - 1 and not shard
+                    else contextlib.nullcontext())
             with sync:
                 loss, stats, hid, n_tok = model(ids, t_hidden, t_weight)
                 acc.backward(loss / accum)
             total += torch.stack([loss.detach().double(), stats[0] / n_tok, stats[1] / n_tok,
                                   hid.double()]) / accum
-        grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.GRAD_CLIP)
+        if shard:
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.GRAD_CLIP)
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        else:
+            grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.GRAD_CLIP)
         total = acc.reduce(total, "mean")
         loss_v, kl_v, ce_v, hid_v = total.tolist()
         gn = float(grad_norm)
@@ -553,9 +663,11 @@ def main(argv: list[str]) -> dict:
             bar.write(f"step {step:>6}/{max_steps} | loss {loss_v:.4f} | kl {kl_s} | "
                       f"ce {ce_v:.4f} | hid {hid_s} | lr {lr:.2e} | grad {gn:.3f} | "
                       f"{tokens_per_step / dt:,.0f} tok/s | {dt:.2f}s")
-        if eval_rows.numel() and (step % cfg.EVAL_EVERY == 0 or step == stop) and main_proc:
+        if eval_rows.numel() and (step % cfg.EVAL_EVERY == 0 or step == stop) and (main_proc or shard):
             metrics = evaluate()
-            bar.write(f"eval step {step:>6} | kl {metrics['kl']:.4f} | ppl {metrics['student_ppl']:.3f}")
+            if main_proc:
+                bar.write(f"eval step {step:>6} | kl {metrics['kl']:.4f} | "
+                          f"ppl {metrics['student_ppl']:.3f}")
         acc.wait_for_everyone()
         if cfg.CHECKPOINT_EVERY and (step % cfg.CHECKPOINT_EVERY == 0 or step == stop < max_steps):
             save_checkpoint(step, tokens)
@@ -566,15 +678,18 @@ def main(argv: list[str]) -> dict:
     summary = {"steps": step, "max_steps": max_steps, "tokens": tokens, "losses": losses,
                "start": start_metrics, "final": metrics, "tokens_per_s": tok_s,
                "finished": step >= max_steps, "output": None}
-    if step >= max_steps and main_proc:
-        final_model = inner.student
+    final_model = None
+    if step >= max_steps:
+        final_model = (full_student(model, cfg.STUDENT, cfg.TRUST_REMOTE_CODE) if shard
+                       else inner.student if main_proc else None)
+    if final_model is not None:
         final_model.config.head_dim = common.head_dim(final_model.config)
         final_model.config.layer_types = common.layer_types(final_model.config)
         final_model.to(common.stored_dtype(s_conf))
         rec = dict(record)
         rec.update(stage="distill", versions=common.versions(), distill={
             "config": vars(cfg), "student": cfg.STUDENT, "teacher": teacher_name,
-            "steps": step, "tokens_seen": tokens, "processes": world,
+            "steps": step, "tokens_seen": tokens, "processes": world, "fsdp": shard,
             "hidden_loss_pairs": pairs, "metrics": {"start": start_metrics, "final": metrics},
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
         common.write_checkpoint(final_model, cfg.STUDENT, str(out_dir), rec, cfg.TRUST_REMOTE_CODE)

@@ -280,6 +280,7 @@ def test_bad_inputs(student_dir, teacher_dir, text_file, tmp_path):
     assert "at least 1" in bad(ok, "BATCH_SIZE=0")
     assert "nothing to train" in bad(ok, "KL_WEIGHT=0.0")
     assert "MIN_LR" in bad(ok, "MIN_LR=1.0")
+    assert "several processes" in bad(ok, "FSDP=True")  # nothing to shard over
 
 
 # ---- as users run it: subprocesses --------------------------------------------------------
@@ -318,6 +319,39 @@ def test_end_to_end_and_two_processes(student_dir, teacher_dir, text_file, tmp_p
         assert rec["distill"]["steps"] == 6
         assert re.search(r"^final_kl: [0-9.]+$", (one if out == "one" else two).stdout, re.M)
     assert rec["distill"]["processes"] == 2
+
+
+def test_fsdp_two_processes_shard_and_resume(student_dir, teacher_dir, text_file, tmp_path):
+    """FSDP=True over two CPU processes: each holds half of every model, gradient accumulation
+    and a stop-and-resume through the sharded checkpoint follow the one-process run."""
+    args = ["MAX_STEPS=6", "GLOBAL_BATCH=8", "CHECKPOINT_EVERY=3", "EVAL_EVERY=3"]
+    ref = run(student_dir, teacher_dir, text_file, tmp_path / "ref", *args)
+    launch = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "distill.py",
+              f"STUDENT={student_dir}", f"DATASET={text_file}", *FAST, *args, "DEVICE=cpu",
+              "FSDP=True", f"OUTPUT={tmp_path / 'fsdp'}"]
+    part = subprocess.run(uv_cmd(*launch, "STOP_AT_STEP=4"), cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert part.returncode == 0, part.stderr[-3000:]
+    held = re.search(r"holds ([\d,]+) of ([\d,]+) student parameters and ([\d,]+) of ([\d,]+) "
+                     r"teacher", part.stdout)
+    mine_s, all_s, mine_t, all_t = (int(g.replace(",", "")) for g in held.groups())
+    assert mine_s == all_s // 2 and mine_t == all_t // 2  # every tensor here splits evenly
+    assert "= 2 processes x 2 micro-batches x 2 rows" in part.stdout
+    ckpt = tmp_path / "fsdp-checkpoints" / "step-0000004"
+    assert {p.name for p in ckpt.glob("*.distcp")} == {"__0_0.distcp", "__1_0.distcp"}
+    assert not (tmp_path / "fsdp").exists()
+    rest = subprocess.run(uv_cmd(*launch), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert rest.returncode == 0, rest.stderr[-3000:]
+    assert "resume:" in rest.stdout and "step-0000004" in rest.stdout
+    losses = logged_losses(part.stdout) + logged_losses(rest.stdout)
+    assert losses == pytest.approx(ref["losses"], abs=2e-4) and len(losses) == 6
+    final = float(re.search(r"^final_kl: ([0-9.]+)$", rest.stdout, re.M)[1])
+    assert final == pytest.approx(ref["final"]["kl"], abs=2e-4)
+    a = common.load_model(str(tmp_path / "ref"), "cpu", torch.float32).state_dict()
+    b = common.load_model(str(tmp_path / "fsdp"), "cpu", torch.float32).state_dict()
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert common.read_record(tmp_path / "fsdp")["distill"]["fsdp"] is True
 
 
 def test_pipeline_by_defaults(teacher_dir, text_file, tmp_path, monkeypatch):

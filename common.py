@@ -261,8 +261,9 @@ def _documents_from_file(path: Path):
     return pq.read_table(path).to_pylist()
 
 
-def _documents_from_hub(name: str, seed: int):
-    """Stream a hub dataset (never downloaded whole), shuffled deterministically by `seed`."""
+def _documents_from_hub(name: str, seed: int, skip: int = 0):
+    """Stream a hub dataset (never downloaded whole), shuffled deterministically by `seed`, from
+    its `skip`-th document (the skipped ones are read, not rendered or tokenized)."""
     from datasets import load_dataset
     try:
         stream = load_dataset(name, split="train", streaming=True)
@@ -270,7 +271,8 @@ def _documents_from_hub(name: str, seed: int):
         raise UserError(f"cannot load dataset DATASET={name!r} ({type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else ''}); offline, set DATASET to a "
                         f"local .txt, .jsonl or .parquet file") from None
-    return stream.shuffle(seed=seed, buffer_size=10_000)
+    stream = stream.shuffle(seed=seed, buffer_size=10_000)
+    return stream.skip(skip) if skip else stream
 
 
 def render(doc, tokenizer) -> str:
@@ -303,8 +305,9 @@ def calibration_rows(dataset: str, tokenizer, num_rows: int, seq_len: int, seed:
     return torch.stack(rows)
 
 
-def documents(dataset: str, seed: int):
-    """The documents of DATASET: a local file shuffled with `seed`, or a hub dataset streamed."""
+def documents(dataset: str, seed: int, skip: int = 0):
+    """The documents of DATASET: a local file shuffled with `seed`, or a hub dataset streamed;
+    the first `skip` of them left out."""
     path = Path(dataset)
     if path.suffix in LOCAL_SUFFIXES or path.exists():
         if not path.is_file():
@@ -313,23 +316,37 @@ def documents(dataset: str, seed: int):
             raise UserError(f"DATASET={dataset!r}: local files must be {', '.join(LOCAL_SUFFIXES)}")
         docs = _documents_from_file(path)
         random.Random(seed).shuffle(docs)
-        return docs
-    return _documents_from_hub(dataset, seed)
+        return docs[skip:]
+    return _documents_from_hub(dataset, seed, skip)
 
 
-def packed_rows(dataset: str, tokenizer, seq_len: int, seed: int):
+def packed_rows(dataset: str, tokenizer, seq_len: int, seed: int, position: dict | None = None):
     """Yield rows of `seq_len` token ids one at a time, packed exactly like `calibration_rows`
-    (its first N rows are these first N rows), for data too large to hold in memory."""
+    (its first N rows are these first N rows), for data too large to hold in memory.
+
+    `position`, when given, is {"documents": n, "carry": [token ids]}: start after the first n
+    documents with those tokens already in the packing buffer. It is updated in place before
+    each row is yielded, so a copy taken after any row resumes the stream right after that row
+    without re-reading or re-tokenizing what came before ({"documents": 0, "carry": []}: the start).
+    """
     eos = tokenizer.eos_token_id
     if eos is None:
         raise UserError("MODEL's tokenizer has no eos token to separate packed documents")
-    buf: list[int] = []
-    for doc in documents(dataset, seed):
+    position = {"documents": 0, "carry": []} if position is None else position
+    buf: list[int] = list(position["carry"])
+    docs = iter(documents(dataset, seed, skip=position["documents"]))
+    while True:
+        while len(buf) >= seq_len:  # the carry alone may hold rows (the end of a long document)
+            row = torch.tensor(buf[:seq_len], dtype=torch.long)
+            del buf[:seq_len]
+            position["carry"] = list(buf)
+            yield row
+        doc = next(docs, None)
+        if doc is None:
+            return
         buf.extend(tokenizer(render(doc, tokenizer), add_special_tokens=False)["input_ids"])
         buf.append(eos)
-        while len(buf) >= seq_len:
-            yield torch.tensor(buf[:seq_len], dtype=torch.long)
-            del buf[:seq_len]
+        position["documents"] += 1
 
 
 def batches(rows: torch.Tensor, batch_size: int):

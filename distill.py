@@ -46,8 +46,10 @@ Checkpoints: every CHECKPOINT_EVERY steps to CHECKPOINT_DIR/step-NNNNNNN (model,
 scheduler, data position, RNG; with FSDP as a torch.distributed.checkpoint directory that any
 number of processes can load), written atomically, the last KEEP_CHECKPOINTS kept. Running the
 same command again resumes from the latest one and continues with the same losses (bit-identical
-on CPU). Resuming re-reads and re-tokenizes the data up to the saved position. STOP_AT_STEP ends
-a run early with a checkpoint (for time-limited jobs).
+on CPU). The data position is saved as documents read plus the tokens carried into the next row,
+so resuming re-tokenizes nothing (the documents before that point are skipped: a local file by
+index, a hub stream read forward). STOP_AT_STEP ends a run early with a checkpoint (for
+time-limited jobs).
 
 Writes OUTPUT: an HF directory (weights in the student's stored dtype, tokenizer, chat template,
 generation config, explicit head_dim and layer_types) with prune.py's `pare.json` record
@@ -284,28 +286,29 @@ def tokenizer_mismatch(a, b) -> str | None:
     return None
 
 
-def row_stream(dataset: str, tokenizer, seq_len: int, seed: int, held_out: int, start: int,
+def start_position() -> dict:
+    """Where `row_stream` begins: epoch 0, no rows, documents or carried tokens yet."""
+    return {"epoch": 0, "row": 0, "documents": 0, "carry": []}
+
+
+def row_stream(dataset: str, tokenizer, seq_len: int, seed: int, held_out: int, position: dict,
                say=print):
     """Training rows forever: DATASET's packed rows after the first `held_out`, in the same order
-    again when the data runs out, beginning after `start` rows (the resume position)."""
-    pos = 0
+    again when the data runs out. Begins at `position` and keeps it up to date in place (epoch,
+    rows of this epoch, and packed_rows' documents read and carried tokens), so a copy saved
+    after any row resumes right after it without re-reading the data before it."""
     while True:
-        count = 0
-        for i, row in enumerate(common.packed_rows(dataset, tokenizer, seq_len, seed)):
-            if i < held_out:
-                continue
-            count += 1
-            if pos >= start:
+        for row in common.packed_rows(dataset, tokenizer, seq_len, seed, position):
+            position["row"] += 1
+            if position["row"] > held_out:
                 yield row
-            pos += 1
-        if count == 0:
+        if position["row"] <= held_out:
             raise common.UserError(f"DATASET={dataset!r} has no rows of SEQ_LEN={seq_len} tokens "
                                    f"left after the {held_out} held-out rows; use more data, "
                                    f"a smaller SEQ_LEN or EVAL_DATASET")
-        if pos - count == 0 or pos < start:
-            say(f"data: DATASET has {count} training rows of {seq_len} tokens; repeating it")
-        if pos < start:
-            pos += (start - pos) // count * count
+        say(f"data: DATASET has {position['row'] - held_out} training rows of {seq_len} tokens; "
+            f"repeating it (epoch {position['epoch'] + 2})")
+        position.update(start_position(), epoch=position["epoch"] + 1)
 
 
 def local_batch(stream, global_batch: int, rank: int, world: int) -> torch.Tensor:
@@ -494,12 +497,15 @@ def main(argv: list[str]) -> dict:
         if changed:
             raise common.UserError(f"{saved[-1]} was written with other settings {changed} "
                                    f"(saved, now); restore them or delete {ckpt_root}")
+        if "data" not in progress:
+            raise common.UserError(f"{saved[-1]} has no data position (written by an older "
+                                   f"version); delete {ckpt_root} to start again")
         if progress["world"] != world:
             say(f"warning: checkpoint written by {progress['world']} processes, resuming on "
                 f"{world}: same data order, losses equal only within float tolerance")
     start_step = progress["step"] if progress else 0
-    stream = row_stream(cfg.DATASET, tokenizer, cfg.SEQ_LEN, cfg.SEED, held,
-                        start_step * cfg.GLOBAL_BATCH, say)
+    position = progress["data"] if progress else start_position()
+    stream = row_stream(cfg.DATASET, tokenizer, cfg.SEQ_LEN, cfg.SEED, held, position, say)
     first = local_batch(stream, cfg.GLOBAL_BATCH, rank, world) if start_step < stop else None
 
     dtype = common.pick_dtype(cfg.DTYPE, device)
@@ -583,6 +589,7 @@ def main(argv: list[str]) -> dict:
         if main_proc:
             (tmp / "progress.json").write_text(json.dumps(
                 {"step": step, "tokens": tokens, "rows": step * cfg.GLOBAL_BATCH, "world": world,
+                 "data": position,
                  "ref_loss": ref_loss, "start": start_metrics, "config": vars(cfg)},
                 indent=2, default=str))
             final = ckpt_root / f"step-{step:07d}"

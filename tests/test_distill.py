@@ -158,15 +158,61 @@ def test_packed_rows_match_calibration_rows(tokenizer, text_file):
     assert torch.equal(torch.stack([next(stream) for _ in range(5)]), rows)
 
 
-def test_row_stream_holds_out_and_repeats(tokenizer, text_file):
+class CountingTokenizer:
+    """A tokenizer that counts how many texts it was asked to tokenize."""
+
+    def __init__(self, tok):
+        self.tok, self.calls = tok, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.tok(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+
+def test_row_stream_holds_out_repeats_and_resumes(tokenizer, text_file):
     every = list(common.packed_rows(text_file, tokenizer, 64, 0))
-    stream = distill.row_stream(text_file, tokenizer, 64, 0, held_out=3, start=0, say=lambda m: 0)
-    got = [next(stream) for _ in range(2 * len(every))]
+    quiet = lambda m: 0  # noqa: E731
+    pos = distill.start_position()
+    stream = distill.row_stream(text_file, tokenizer, 64, 0, 3, pos, quiet)
     train = every[3:]
-    assert all(torch.equal(a, b) for a, b in zip(got, train + train))
-    later = distill.row_stream(text_file, tokenizer, 64, 0, held_out=3, start=len(train) + 2,
-                               say=lambda m: 0)
-    assert torch.equal(next(later), train[2])
+    want = train + train + train
+    saved = {}
+    for i in range(len(want)):
+        assert torch.equal(next(stream), want[i])
+        saved[i + 1] = json.loads(json.dumps(pos))  # as a checkpoint stores it
+    assert saved[len(train) + 2]["epoch"] == 1 and saved[len(train) + 2]["row"] == 3 + 2
+    # resuming after k rows gives row k next, tokenizing only the documents that row needs
+    for k in (1, 7, len(train) - 1, len(train), len(train) + 2, 2 * len(train) + 4):
+        tok = CountingTokenizer(tokenizer)
+        pos = json.loads(json.dumps(saved[k]))
+        later = distill.row_stream(text_file, tok, 64, 0, 3, pos, quiet)
+        assert torch.equal(next(later), want[k % len(want)])
+        if pos["epoch"] == saved[k]["epoch"]:
+            assert tok.calls == pos["documents"] - saved[k]["documents"] <= 2, k
+        assert pos == saved[k + 1]
+
+
+def test_packed_rows_skip_hub_documents_untokenized(tokenizer, monkeypatch):
+    """A hub stream resumes by skipping documents in the seeded shuffled order."""
+    import datasets
+    docs = [{"text": f"document {i} " + "word " * (i % 7)} for i in range(40)]
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: datasets.Dataset.from_list(
+        docs).to_iterable_dataset(num_shards=4))
+    full_pos = {"documents": 0, "carry": []}
+    full = list(common.packed_rows("some/hub-dataset", tokenizer, 8, 0, full_pos))
+    assert [d["text"] for d in common.documents("some/hub-dataset", 0)] != [d["text"] for d in docs]
+    for k in (1, 5, len(full) - 2):
+        pos = {"documents": 0, "carry": []}
+        rows = common.packed_rows("some/hub-dataset", tokenizer, 8, 0, pos)
+        for _ in range(k):
+            next(rows)
+        tok = CountingTokenizer(tokenizer)
+        resumed = list(common.packed_rows("some/hub-dataset", tok, 8, 0, dict(pos)))
+        assert all(torch.equal(a, b) for a, b in zip(resumed, full[k:], strict=True))
+        assert tok.calls == 40 - pos["documents"]
 
 
 # ---- runs -----------------------------------------------------------------------------------

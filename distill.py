@@ -40,7 +40,10 @@ loads both models into CPU memory, then moves its shards to its GPU.
 
 Held-out: EVAL_SAMPLES rows (the first rows of DATASET, never trained on, or EVAL_DATASET) give
 KL(teacher || student) and student perplexity every EVAL_EVERY steps; the teacher's perplexity
-is printed once.
+is printed once. Every LOG_EVERY steps one fixed-format line: loss, KL, CE, hidden loss, learning
+rate, gradient norm, tokens/s. At the end: tokens/s of the training steps, TFLOP/s per device
+(PaLM count: 3x the student's forward FLOPs plus 1x the teacher's), MFU when the device's peak is
+known (PEAK_TFLOPS), and peak memory.
 
 Checkpoints: every CHECKPOINT_EVERY steps to CHECKPOINT_DIR/step-NNNNNNN (model, optimizer,
 scheduler, data position, RNG; with FSDP as a torch.distributed.checkpoint directory that any
@@ -61,6 +64,7 @@ import io
 import json
 import math
 import os
+import resource
 import shutil
 import time
 from pathlib import Path
@@ -104,7 +108,8 @@ GRAD_CLIP = 1.0                        # max global gradient norm (Minitron: 1.0
 GRADIENT_CHECKPOINTING = False         # recompute the student's activations in backward (saves memory)
 ABORT_LOSS_FACTOR = 10.0               # abort when the loss exceeds this x the run's first loss
 # ---- logging, checkpoints, output -----------------------------------------------------------
-LOG_EVERY = 10                         # steps between log lines
+LOG_EVERY = 1                          # steps between log lines
+PEAK_TFLOPS = None                     # device's dense bf16 peak for MFU; None: known GPUs only
 EVAL_EVERY = 200                       # steps between held-out evaluations (and at start and end)
 CHECKPOINT_EVERY = 500                 # steps between checkpoints; 0: none
 KEEP_CHECKPOINTS = 2                   # most recent checkpoints kept
@@ -266,6 +271,38 @@ def make_proj(h_s: int, h_t: int, kept_hidden: list[int] | None) -> torch.nn.Mod
             proj.weight.zero_()
             proj.weight[torch.tensor(kept_hidden), torch.arange(h_s)] = 1.0
     return proj
+
+
+def forward_flops_per_token(config, seq_len: int) -> int:
+    """Matmul FLOPs of one token's forward pass at context `seq_len`: 2 per weight of the decoder
+    and lm_head (the embedding lookup is free) plus 4 x layers x heads x head_dim x seq_len for
+    attention scores and values over the full square (the PaLM MFU convention, Chowdhery et al.
+    2022, appendix B). A training step costs 3x this (backward is twice forward)."""
+    shape = common.shape_of(config)
+    n = common.param_count(shape, config)["non_embedding"] + config.vocab_size * shape["hidden_size"]
+    attn = 4 * shape["num_hidden_layers"] * shape["num_attention_heads"] * shape["head_dim"] * seq_len
+    return 2 * n + attn
+
+
+# Dense bf16 tensor-core peaks per device (NVIDIA datasheets: A100 312 TFLOP/s, H100/H200 SXM 989).
+KNOWN_PEAK_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0}
+
+
+def peak_tflops(device: str, override: float | None) -> float | None:
+    """PEAK_TFLOPS, else the datasheet peak of a known GPU, else None (MFU not shown)."""
+    if override:
+        return float(override)
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name()
+        return next((v for k, v in KNOWN_PEAK_TFLOPS.items() if k in name), None)
+    return None
+
+
+def peak_memory_gib(device: str) -> tuple[float, str]:
+    """Peak memory of this process: CUDA memory allocated by tensors, else the peak RSS."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**30, "cuda allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "process RSS"
 
 
 # ---- inputs ---------------------------------------------------------------------------------
@@ -550,6 +587,13 @@ def main(argv: list[str]) -> dict:
     say(f"batch: {cfg.GLOBAL_BATCH} rows x {cfg.SEQ_LEN} tokens = {tokens_per_step} tokens/step "
         f"= {world} processes x {accum} micro-batches x {cfg.BATCH_SIZE} rows; {max_steps} steps "
         f"= {max_steps * tokens_per_step / 1e6:.2f}M tokens")
+    need_teacher = cfg.KL_WEIGHT > 0 or bool(pairs)
+    flops_token = (3 * forward_flops_per_token(s_conf, cfg.SEQ_LEN)
+                   + (forward_flops_per_token(t_conf, cfg.SEQ_LEN) if need_teacher else 0))
+    peak = peak_tflops(device, cfg.PEAK_TFLOPS)
+    peak_s = f"{peak:g} TFLOP/s per device" if peak else "no known peak (set PEAK_TFLOPS)"
+    say(f"flops: {flops_token / 1e9:.3f} GFLOP per token (student forward+backward 3x, teacher "
+        f"forward 1x); MFU against {peak_s}")
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.LR,
                                   betas=(0.9, cfg.BETA2), weight_decay=cfg.WEIGHT_DECAY)
@@ -565,7 +609,6 @@ def main(argv: list[str]) -> dict:
             acc.load_state(str(saved[-1]))
         say(f"resume: {saved[-1]} (step {start_step}, {progress['tokens']} tokens seen)")
     inner = model if shard else acc.unwrap_model(model)
-    need_teacher = cfg.KL_WEIGHT > 0 or bool(pairs)
 
     def evaluate():
         if not len(eval_rows):
@@ -612,7 +655,7 @@ def main(argv: list[str]) -> dict:
 
     losses, metrics = [], start_metrics
     bar = tqdm(total=stop, initial=start_step, desc="distill", disable=not main_proc)
-    t_run, tok_run = time.time(), 0
+    t_train, tok_run = 0.0, 0  # time and tokens of the training steps alone (no eval, no saving)
     step = start_step
     while step < stop:
         t_step = time.time()
@@ -662,6 +705,7 @@ def main(argv: list[str]) -> dict:
         tokens += tokens_per_step
         tok_run += tokens_per_step
         dt = time.time() - t_step
+        t_train += dt
         losses.append(loss_v)
         bar.update(1)
         if main_proc and (step % cfg.LOG_EVERY == 0 or step == stop):
@@ -679,12 +723,14 @@ def main(argv: list[str]) -> dict:
         if cfg.CHECKPOINT_EVERY and (step % cfg.CHECKPOINT_EVERY == 0 or step == stop < max_steps):
             save_checkpoint(step, tokens)
     bar.close()
-    elapsed = time.time() - t_run
-    tok_s = tok_run / elapsed if tok_run else 0.0
+    tok_s = tok_run / t_train if tok_run else 0.0
+    tflops = tok_s * flops_token / world / 1e12  # per device
+    mem, mem_kind = peak_memory_gib(device)
 
     summary = {"steps": step, "max_steps": max_steps, "tokens": tokens, "losses": losses,
                "start": start_metrics, "final": metrics, "tokens_per_s": tok_s,
-               "finished": step >= max_steps, "output": None}
+               "tflops_per_device": tflops, "mfu": tflops / peak if peak else None,
+               "peak_memory_gib": mem, "finished": step >= max_steps, "output": None}
     final_model = None
     if step >= max_steps:
         final_model = (full_student(model, cfg.STUDENT, cfg.TRUST_REMOTE_CODE) if shard
@@ -697,6 +743,8 @@ def main(argv: list[str]) -> dict:
         rec.update(stage="distill", versions=common.versions(), distill={
             "config": vars(cfg), "student": cfg.STUDENT, "teacher": teacher_name,
             "steps": step, "tokens_seen": tokens, "processes": world, "fsdp": shard,
+            "throughput": {k: summary[k] for k in ("tokens_per_s", "tflops_per_device", "mfu",
+                                                   "peak_memory_gib")},
             "hidden_loss_pairs": pairs, "metrics": {"start": start_metrics, "final": metrics},
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
         common.write_checkpoint(final_model, cfg.STUDENT, str(out_dir), rec, cfg.TRUST_REMOTE_CODE)
@@ -705,7 +753,11 @@ def main(argv: list[str]) -> dict:
     if main_proc:
         print(f"steps: {step}/{max_steps}")
         print(f"tokens: {tokens}")
-        print(f"tokens_per_s: {tok_s:.1f}")
+        print(f"tokens_per_s: {tok_s:.1f}")  # training steps only, all processes together
+        print(f"tflops_per_device: {tflops:.4g}")
+        if peak:
+            print(f"mfu: {tflops / peak:.3f}")
+        print(f"peak_memory_gib: {mem:.2f} ({mem_kind}, first process)")
         if losses:
             print(f"loss_first: {losses[0]:.4f}")
             print(f"loss_last: {losses[-1]:.4f}")

@@ -152,6 +152,20 @@ def test_hidden_loss_switch_and_mapping():
     assert torch.equal(proj(torch.tensor([[1.0, 2.0, 3.0]])), torch.tensor([[2.0, 0, 3, 0, 1]]))
 
 
+@pytest.mark.parametrize("make_config", [olmo3_config, llama_config])
+def test_flops_per_token_matches_counted_matmuls(make_config):
+    """The MFU numerator: 3 x forward_flops_per_token is what torch counts for a training step
+    (within 2%: the formula also counts 2 FLOPs per norm weight)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    config = make_config()
+    model = make_model(config)
+    ids = torch.randint(0, config.vocab_size, (2, 24))
+    with FlopCounterMode(display=False) as counter:
+        model(input_ids=ids, use_cache=False).logits.sum().backward()
+    counted = counter.get_total_flops() / ids.numel()
+    assert 3 * distill.forward_flops_per_token(config, 24) == pytest.approx(counted, rel=0.02)
+
+
 def test_packed_rows_match_calibration_rows(tokenizer, text_file):
     rows = common.calibration_rows(text_file, tokenizer, 5, 16, 0)
     stream = common.packed_rows(text_file, tokenizer, 16, 0)
@@ -223,6 +237,7 @@ def test_kl_falls_and_output(student_dir, teacher_dir, text_file, tmp_path):
             "CHECKPOINT_EVERY=0")
     assert s["finished"] and s["steps"] == 20 and s["tokens"] == 20 * 4 * 32
     assert s["final"]["kl"] < 0.75 * s["start"]["kl"]
+    assert s["tflops_per_device"] > 0 and s["mfu"] is None and s["peak_memory_gib"] > 0.1
     assert sum(s["losses"][-5:]) < sum(s["losses"][:5])
     from transformers import AutoModelForCausalLM, AutoTokenizer
     model = AutoModelForCausalLM.from_pretrained(out)
@@ -235,6 +250,7 @@ def test_kl_falls_and_output(student_dir, teacher_dir, text_file, tmp_path):
     assert d["tokens_seen"] == 20 * 4 * 32 and d["teacher"] == teacher_dir
     assert d["metrics"]["final"]["kl"] == pytest.approx(s["final"]["kl"])
     assert d["hidden_loss_pairs"] == [] and d["config"]["MAX_STEPS"] == 20
+    assert d["throughput"]["tokens_per_s"] == pytest.approx(s["tokens_per_s"])
     # the saved model gives the final metrics again
     rows = common.calibration_rows(text_file, make_tokenizer(), 4, 32, 0)
     again = common.evaluate(model, rows, 2, common.load_model(teacher_dir, "cpu", torch.float32))

@@ -202,7 +202,8 @@ def direct_logit_loss(h_s, w_s, h_t, w_t, labels, temperature=1.0, kl_w=1.0, ce_
 
 
 def hidden_pairs(kept: list[int], n_source: int, n_teacher: int, n_layers: int) -> list[tuple]:
-    """(student, teacher) indices into `output_hidden_states`: the embeddings (0, 0), then the
+    """(student, teacher) hidden-state indices (0: the embedding output, i: the output of decoder
+    layer i - 1, as in `output_hidden_states`): the embeddings (0, 0), then the
     outputs of up to `n_layers` student layers, evenly spaced, each paired with the teacher
     layer it was cut from (`kept` source indices, rescaled when the teacher is deeper or
     shallower than the source). The student's last layer is excluded: the logit loss covers it.
@@ -238,18 +239,21 @@ class Distiller(torch.nn.Module):
         super().__init__()
         self.student, self.proj, self.pairs, self.settings = student, proj, pairs, settings
 
-    def forward(self, ids, t_hidden, t_weight):
+    def forward(self, ids, t_last, t_states, t_weight):
+        """Loss of one micro-batch `ids` given the teacher's final hidden states `t_last` (None
+        when only CE is trained), its hidden states at the paired indices `t_states` and its
+        lm_head weight."""
         s = self.settings
-        out = self.student.model(input_ids=ids, use_cache=False,
-                                 output_hidden_states=bool(self.pairs))
+        with hidden_states(self.student, [i for i, _ in self.pairs]) as s_states:
+            out = self.student.model(input_ids=ids, use_cache=False)
         h_s = out.last_hidden_state[:, :-1].flatten(0, 1)
-        h_t = t_hidden[-1][:, :-1].flatten(0, 1) if t_hidden is not None else None
+        h_t = t_last[:, :-1].flatten(0, 1) if t_last is not None else None
         labels = ids[:, 1:].flatten()
         loss, stats = logit_loss(h_s, self.student.lm_head.weight, h_t, t_weight, labels,
                                  s["temperature"], s["kl_w"], s["ce_w"], s["chunk"])
         hid = torch.zeros((), device=loss.device)
         if self.pairs:
-            hid = sum(cosine_loss(self.proj(out.hidden_states[i]), t_hidden[j])
+            hid = sum(cosine_loss(self.proj(s_states[i]), t_states[j])
                       for i, j in self.pairs) / len(self.pairs)
             # Minitron: the intermediate loss is rescaled to the logit loss's magnitude
             loss = loss + hid * (loss.detach() / hid.detach().clamp(min=1e-8))
@@ -258,6 +262,28 @@ class Distiller(torch.nn.Module):
     def held_out(self, rows, batch_size, teacher, chunk):
         """common.evaluate on the student (a method, so that FSDP can gather it for the call)."""
         return common.evaluate(self.student, rows, batch_size, teacher, chunk)
+
+
+@contextlib.contextmanager
+def hidden_states(model, indices):
+    """Collect `model`'s hidden states at `indices` (as in `hidden_pairs`) during the forward
+    passes inside the block, into the dict it yields, by forward hooks on the embedding and the
+    decoder layers. (transformers' `output_hidden_states` is not used: it looks its recording
+    rules up by the model's class, which FSDP replaces.)"""
+    got = {}
+
+    def keep(i):
+        def hook(module, args, out):
+            got[i] = out[0] if isinstance(out, tuple) else out
+        return hook
+
+    handles = [(model.model.embed_tokens if i == 0 else model.model.layers[i - 1])
+               .register_forward_hook(keep(i)) for i in indices]
+    try:
+        yield got
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def make_proj(h_s: int, h_t: int, kept_hidden: list[int] | None) -> torch.nn.Module:
@@ -665,18 +691,17 @@ def main(argv: list[str]) -> dict:
         total = torch.zeros(4, dtype=torch.float64, device=dev)  # loss, kl_sum, ce_sum, hid
         for k in range(accum):
             ids = micro[k]
-            t_hidden, t_weight = None, teacher.lm_head.weight
+            t_last, t_states = None, {}
             if need_teacher:
-                with torch.no_grad(), acc.autocast():
-                    t_out = teacher.model(input_ids=ids, use_cache=False,
-                                          output_hidden_states=bool(pairs))
-                t_hidden = t_out.hidden_states if pairs else (t_out.last_hidden_state,)
+                with (torch.no_grad(), acc.autocast(),
+                      hidden_states(teacher, [j for _, j in pairs]) as t_states):
+                    t_last = teacher.model(input_ids=ids, use_cache=False).last_hidden_state
             if shard:  # reduce-scatter gradients only after the last micro-batch
                 model.set_requires_gradient_sync(k == accum - 1)
             sync = (acc.no_sync(model) if k < accum - 1 and not shard
                     else contextlib.nullcontext())
             with sync:
-                loss, stats, hid, n_tok = model(ids, t_hidden, t_weight)
+                loss, stats, hid, n_tok = model(ids, t_last, t_states, teacher.lm_head.weight)
                 acc.backward(loss / accum)
             total += torch.stack([loss.detach().double(), stats[0] / n_tok, stats[1] / n_tok,
                                   hid.double()]) / accum

@@ -166,6 +166,19 @@ def test_flops_per_token_matches_counted_matmuls(make_config):
     assert 3 * distill.forward_flops_per_token(config, 24) == pytest.approx(counted, rel=0.02)
 
 
+@pytest.mark.parametrize("make_config", [olmo3_config, llama_config])
+def test_hidden_states_hooks_match_output_hidden_states(make_config):
+    model = make_model(make_config())
+    ids = torch.randint(0, 320, (2, 12))
+    n = model.config.num_hidden_layers
+    with distill.hidden_states(model, list(range(n))) as got:
+        ref = model.model(input_ids=ids, use_cache=False, output_hidden_states=True).hidden_states
+    assert sorted(got) == list(range(n))
+    assert all(torch.equal(got[i], ref[i]) for i in range(n))  # the last one, normed, is not used
+    model.model(input_ids=ids.flip(0), use_cache=False)  # other inputs: the hooks are gone
+    assert all(torch.equal(got[i], ref[i]) for i in range(n))
+
+
 def test_packed_rows_match_calibration_rows(tokenizer, text_file):
     rows = common.calibration_rows(text_file, tokenizer, 5, 16, 0)
     stream = common.packed_rows(text_file, tokenizer, 16, 0)
@@ -414,6 +427,39 @@ def test_fsdp_two_processes_shard_and_resume(student_dir, teacher_dir, text_file
     b = common.load_model(str(tmp_path / "fsdp"), "cpu", torch.float32).state_dict()
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
     assert common.read_record(tmp_path / "fsdp")["distill"]["fsdp"] is True
+
+
+def test_fsdp_tied_gqa_with_hidden_loss(text_file, tmp_path):
+    """FSDP on a Llama with tied embeddings and GQA, cut in depth and width so that the
+    hidden-state loss and its trainable map are sharded too: same losses and weights as one
+    process."""
+    def teacher():
+        t = make_model(llama_config(), seed=3)
+        with torch.no_grad():
+            t.lm_head.weight.mul_(10)  # tied: the embeddings too
+        return t
+    from conftest import save_model
+    t_dir = save_model(teacher(), tmp_path / "teacher")
+    student = write_student(t_dir, prune_like(teacher(), [0, 2], hidden=48), [0, 2],
+                            tmp_path / "student", hidden=48)
+    args = [f"STUDENT={student}", f"DATASET={text_file}", *FAST, "MAX_STEPS=4",
+            "CHECKPOINT_EVERY=0", "EVAL_EVERY=4"]
+    ref = distill.main([*args, f"OUTPUT={tmp_path / 'ref'}"])
+    launch = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "distill.py", *args,
+              "DEVICE=cpu", "FSDP=True", f"OUTPUT={tmp_path / 'fsdp'}"]
+    two = subprocess.run(uv_cmd(*launch), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "hidden_loss: on" in two.stdout and "holds" in two.stdout
+    assert ref["losses"][0] > 0.1  # something to learn
+    assert logged_losses(two.stdout) == pytest.approx(ref["losses"], abs=2e-4)
+    a = common.load_model(str(tmp_path / "ref"), "cpu", torch.float32)
+    b = common.load_model(str(tmp_path / "fsdp"), "cpu", torch.float32)
+    assert b.lm_head.weight.data_ptr() == b.model.embed_tokens.weight.data_ptr()  # still tied
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.allclose(sa[k], sb[k], atol=1e-5) for k in sa)
+    assert not torch.allclose(sb["model.embed_tokens.weight"],
+                              common.load_model(student, "cpu", torch.float32).model.embed_tokens.weight)
 
 
 def test_pipeline_by_defaults(teacher_dir, text_file, tmp_path, monkeypatch):

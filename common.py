@@ -400,18 +400,28 @@ def skip_loss(model, rows: torch.Tensor, batch_size: int, skip=()) -> float:
 
 
 @torch.no_grad()
+def final_hiddens(model, rows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """`final_hidden` of each batch of `rows`: a teacher's, computed once for many students."""
+    return [final_hidden(model, ids) for ids in batches(rows, batch_size)]
+
+
+@torch.no_grad()
 def evaluate(student, rows: torch.Tensor, batch_size: int, teacher=None,
-             chunk_tokens: int = 2048) -> dict:
+             chunk_tokens: int = 2048, teacher_hidden: list[torch.Tensor] | None = None) -> dict:
     """Held-out metrics on `rows`: student (and teacher) perplexity, KL(teacher || student).
 
     Perplexity is exp(mean next-token NLL); KL is the mean over predicted tokens, temperature 1,
-    in nats. Logits exist only `chunk_tokens` at a time, in float32.
+    in nats. Logits exist only `chunk_tokens` at a time, in float32. `teacher_hidden`, from
+    `final_hiddens(teacher, rows, batch_size)`, saves running the teacher again.
     """
     nll_s = nll_t = kl = 0.0
     count = 0
-    for ids in batches(rows, batch_size):
+    for b, ids in enumerate(batches(rows, batch_size)):
         hs = final_hidden(student, ids)[:, :-1].flatten(0, 1)
-        ht = final_hidden(teacher, ids)[:, :-1].flatten(0, 1) if teacher is not None else None
+        ht = None
+        if teacher is not None:
+            ht = teacher_hidden[b] if teacher_hidden is not None else final_hidden(teacher, ids)
+            ht = ht[:, :-1].flatten(0, 1)
         labels = ids[:, 1:].flatten()
         for i in range(0, len(labels), chunk_tokens):
             y = labels[i:i + chunk_tokens]

@@ -594,6 +594,8 @@ def main(argv: list[str]) -> dict:
 
     costs: dict[int, dict] = {}
     results = []
+    # a search compares many candidates with one teacher: run the teacher on the rows once
+    t_hidden = common.final_hiddens(teacher, rows, cfg.BATCH_SIZE) if len(shapes) > 1 else None
     t0 = time.time()
     for shape in tqdm(shapes, desc="candidates", disable=len(shapes) == 1):
         n_drop = src["num_hidden_layers"] - shape["num_hidden_layers"]
@@ -610,7 +612,8 @@ def main(argv: list[str]) -> dict:
         del sliced
         t_slice = time.time() - ts
         te = time.time()
-        metrics = common.evaluate(student, rows, cfg.BATCH_SIZE, teacher=teacher)
+        metrics = common.evaluate(student, rows, cfg.BATCH_SIZE, teacher=teacher,
+                                  teacher_hidden=t_hidden)
         t_eval = time.time() - te
         if not math.isfinite(metrics["kl"]):
             raise RuntimeError(f"KL is {metrics['kl']} for shape {shape}: the slicing is broken")

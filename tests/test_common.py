@@ -58,6 +58,9 @@ def test_evaluate_is_chunk_invariant_and_consistent():
     for k in ("student_ppl", "teacher_ppl", "kl"):
         assert a[k] == pytest.approx(b[k], rel=1e-5)
     assert a["kl"] > 0.01 and a["tokens"] == 3 * 16
+    cached = common.final_hiddens(model, rows, 2)  # the teacher run once, reused
+    assert common.evaluate(other, rows, 2, teacher=model, chunk_tokens=5,
+                           teacher_hidden=cached) == a
     self_kl = common.evaluate(model, rows, 3, teacher=model)
     assert abs(self_kl["kl"]) < 1e-6
     total, count = common.lm_loss(model, rows, chunk_tokens=7)

@@ -8,9 +8,11 @@ Nothing here is part of the algorithm; each script keeps its own maths. What liv
 - `FAMILIES` / `family_of(config)`: the small, explicit description of each supported
   architecture's module names (Olmo 3 and Olmo 2 post-norm blocks; pre-norm Llama-family).
 - `load_tokenizer`, `load_config`, `load_model`: from a hub id or a local directory.
-- `calibration_rows(...)`: documents from a hub dataset or a local file, rendered, packed.
-- `lm_loss`, `skip_loss`, `evaluate`: held-out loss (also with layers skipped), perplexity and KL(teacher || student), computed in
-  chunks of tokens so full-vocabulary logits never exist for a whole batch.
+- `calibration_rows(...)`: documents from a hub dataset or a local file, rendered, packed;
+  `packed_rows` streams the same rows with a resumable position.
+- `lm_loss`, `skip_loss`, `evaluate`: held-out loss (also with layers skipped), perplexity and
+  KL(teacher || student), computed in chunks of tokens so full-vocabulary logits never exist for
+  a whole batch; `final_hiddens` keeps a teacher's outputs for comparing many students.
 - `write_checkpoint`, `read_record`: an HF directory (weights, tokenizer, chat template,
   generation config) plus Pare's `pare.json` record, written atomically.
 """

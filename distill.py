@@ -34,9 +34,11 @@ loss trajectory within float tolerance. By default (DDP) every process holds the
 and teacher. FSDP=True (or `accelerate launch --use_fsdp`) shards both over the processes with
 PyTorch FSDP2 (`fully_shard`, one group per decoder layer, bf16 compute with float32 master
 weights and gradient reduction on GPU): a process holds 1/N of each model's weights, the
-student's optimizer state and gradients, plus the layer being computed. The teacher's output
-layer is kept whole on every process (the chunked loss reads it directly). Every process first
-loads both models into CPU memory, then moves its shards to its GPU.
+student's optimizer state and gradients, plus the layer being computed (gradients are
+reduce-scattered after every micro-batch, so none is ever held whole). The teacher's output
+layer is kept whole on every process (the chunked loss reads it directly). Only the first
+process reads the checkpoints, into CPU memory; the others build empty models and receive their
+shards from it.
 
 Held-out: EVAL_SAMPLES rows (the first rows of DATASET, never trained on, or EVAL_DATASET) give
 KL(teacher || student) and student perplexity every EVAL_EVERY steps; the teacher's perplexity
@@ -46,10 +48,10 @@ rate, gradient norm, tokens/s. At the end: tokens/s of the training steps, TFLOP
 known (PEAK_TFLOPS), and peak memory.
 
 Checkpoints: every CHECKPOINT_EVERY steps to CHECKPOINT_DIR/step-NNNNNNN (model, optimizer,
-scheduler, data position, RNG; with FSDP as a torch.distributed.checkpoint directory that any
-number of processes can load), written atomically, the last KEEP_CHECKPOINTS kept. Running the
-same command again resumes from the latest one and continues with the same losses (bit-identical
-on CPU). The data position is saved as documents read plus the tokens carried into the next row,
+scheduler, data position, RNG; with FSDP as a torch.distributed.checkpoint directory that
+another number of processes can load, FSDP again), written atomically, the last
+KEEP_CHECKPOINTS kept. Running the same command again resumes from the latest one and continues
+with the same losses (bit-identical on CPU). The data position is saved as documents read plus the tokens carried into the next row,
 so resuming re-tokenizes nothing (the documents before that point are skipped: a local file by
 index, a hub stream read forward). STOP_AT_STEP ends a run early with a checkpoint (for
 time-limited jobs).
@@ -119,7 +121,7 @@ OUTPUT = "out/distilled"               # final HF directory
 
 # Constants that may change between a run and its resumption (they do not affect the losses).
 _RESUMABLE = {"LOG_EVERY", "EVAL_EVERY", "CHECKPOINT_EVERY", "KEEP_CHECKPOINTS", "STOP_AT_STEP",
-              "OUTPUT", "CHECKPOINT_DIR", "DEVICE"}
+              "OUTPUT", "CHECKPOINT_DIR", "DEVICE", "FSDP"}  # FSDP: checked as the checkpoint's format
 
 
 # ---- the loss -------------------------------------------------------------------------------
@@ -299,18 +301,20 @@ def make_proj(h_s: int, h_t: int, kept_hidden: list[int] | None) -> torch.nn.Mod
     return proj
 
 
-def forward_flops_per_token(config, seq_len: int) -> int:
+def forward_flops_per_token(config, seq_len: int, lm_head: bool = True) -> int:
     """Matmul FLOPs of one token's forward pass at context `seq_len`: 2 per weight of the decoder
-    and lm_head (the embedding lookup is free) plus 4 x layers x heads x head_dim x seq_len for
-    attention scores and values over the full square (the PaLM MFU convention, Chowdhery et al.
-    2022, appendix B). A training step costs 3x this (backward is twice forward)."""
+    and (when `lm_head`) the output layer; the embedding lookup is free; plus 4 x layers x heads
+    x head_dim x seq_len for attention scores and values over the full square (the PaLM MFU
+    convention, Chowdhery et al. 2022, appendix B). Training costs 3x this (backward: 2x)."""
     shape = common.shape_of(config)
-    n = common.param_count(shape, config)["non_embedding"] + config.vocab_size * shape["hidden_size"]
+    n = common.param_count(shape, config)["non_embedding"]
+    n += config.vocab_size * shape["hidden_size"] if lm_head else 0
     attn = 4 * shape["num_hidden_layers"] * shape["num_attention_heads"] * shape["head_dim"] * seq_len
     return 2 * n + attn
 
 
-# Dense bf16 tensor-core peaks per device (NVIDIA datasheets: A100 312 TFLOP/s, H100/H200 SXM 989).
+# Dense bf16 tensor-core peaks per device (NVIDIA datasheets: A100 312 TFLOP/s, H100/H200 SXM
+# 989); the PCIe and NVL boards of H100/H200 are slower and left to PEAK_TFLOPS.
 KNOWN_PEAK_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0}
 
 
@@ -320,6 +324,8 @@ def peak_tflops(device: str, override: float | None) -> float | None:
         return float(override)
     if device.startswith("cuda"):
         name = torch.cuda.get_device_name()
+        if "A100" not in name and ("PCIe" in name or "NVL" in name):
+            return None
         return next((v for k, v in KNOWN_PEAK_TFLOPS.items() if k in name), None)
     return None
 
@@ -390,25 +396,53 @@ def checkpoints(root: Path) -> list[Path]:
 
 # ---- sharding (FSDP2) -----------------------------------------------------------------------
 
-def shard_models(model: Distiller, teacher, bf16: bool) -> None:
+def empty_model(name: str, dtype: torch.dtype, trust_remote_code: bool = False):
+    """A model's architecture without weights (meta device), for a process that will receive
+    its shards from the first process instead of reading the checkpoint itself."""
+    from transformers import AutoModelForCausalLM
+    config = common.load_config(name, trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype,
+                                                 trust_remote_code=trust_remote_code)
+    return model.eval()
+
+
+def shard_models(model: Distiller, teacher, device: str, world: int, bf16: bool) -> None:
     """Shard the Distiller (student + map) and the teacher's decoder over all processes in place.
 
     Each decoder layer is one FSDP2 group, gathered just before it runs and freed after; the rest
     (embeddings, final norm, lm_head, map) is the root group, gathered for the whole forward. The
-    teacher's lm_head stays whole on every process. Parameters on the CPU move to this process's
-    device as they are sharded, one layer at a time.
+    teacher's lm_head stays whole on every process. Parameters on the CPU move to `device` as
+    they are sharded, one layer at a time; parameters on the meta device stay there.
     """
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import (MixedPrecisionPolicy, fully_shard,
                                         register_fsdp_forward_method)
+    mesh = init_device_mesh(torch.device(device).type, (world,))  # DEVICE=cpu on a GPU machine too
     mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16
           else MixedPrecisionPolicy())
     for layer in model.student.model.layers:
-        fully_shard(layer, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
     register_fsdp_forward_method(model, "held_out")  # gathers the root group like forward
     for layer in teacher.model.layers:
-        fully_shard(layer)
-    fully_shard(teacher.model)
+        fully_shard(layer, mesh=mesh)
+    # the teacher never runs backward, which is where a root group is normally freed again
+    fully_shard(teacher.model, mesh=mesh, reshard_after_forward=True)
+
+
+def broadcast_weights(module, full_state: dict, device: str, rank: int) -> None:
+    """Fill a sharded `module` from the first process's `full_state` (its state dict taken before
+    sharding; {} on the other processes, whose weights are on the meta device): each process
+    keeps its shards. Buffers (e.g. rotary frequencies, not in the state dict) are copied too."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    if rank > 0:
+        module.to_empty(device=device)
+    set_model_state_dict(module, full_state, options=StateDictOptions(
+        full_state_dict=True, broadcast_from_rank0=True))
+    for buf in module.buffers():
+        dist.broadcast(buf, src=0)
 
 
 def local_share(module) -> tuple[int, int]:
@@ -428,7 +462,8 @@ def save_sharded(path: Path, model, optimizer, scheduler, rank: int) -> None:
     from torch.distributed.checkpoint.state_dict import get_state_dict
     msd, osd = get_state_dict(model, optimizer)
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(path))
-    torch.save({"scheduler": scheduler.state_dict(), "rng": torch.get_rng_state()},
+    torch.save({"scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
                path / f"extra-{rank}.pt")
 
 
@@ -445,6 +480,8 @@ def load_sharded(path: Path, model, optimizer, scheduler, rank: int) -> None:
     extra = torch.load(extra if extra.exists() else path / "extra-0.pt", weights_only=True)
     scheduler.load_state_dict(extra["scheduler"])
     torch.set_rng_state(extra["rng"])
+    if extra["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(extra["cuda_rng"])
 
 
 def full_student(model, student_dir: str, trust_remote_code: bool):
@@ -560,6 +597,10 @@ def main(argv: list[str]) -> dict:
         if changed:
             raise common.UserError(f"{saved[-1]} was written with other settings {changed} "
                                    f"(saved, now); restore them or delete {ckpt_root}")
+        if progress.get("fsdp", False) != shard:
+            raise common.UserError(f"{saved[-1]} was written with FSDP={progress.get('fsdp')} "
+                                   f"(sharded checkpoint or not); resume with the same FSDP and "
+                                   f"launch, or delete {ckpt_root}")
         if "data" not in progress:
             raise common.UserError(f"{saved[-1]} has no data position (written by an older "
                                    f"version); delete {ckpt_root} to start again")
@@ -576,8 +617,12 @@ def main(argv: list[str]) -> dict:
     t0 = time.time()
     set_seed(cfg.SEED)
     load_dev = "cpu" if shard else dev  # FSDP moves each shard to `dev` as it cuts it
-    student = common.load_model(cfg.STUDENT, load_dev, torch.float32, cfg.TRUST_REMOTE_CODE)
-    teacher = common.load_model(teacher_name, load_dev, dtype, cfg.TRUST_REMOTE_CODE)
+    if shard and rank > 0:  # only the first process reads the weights; it sends the others theirs
+        student = empty_model(cfg.STUDENT, torch.float32, cfg.TRUST_REMOTE_CODE)
+        teacher = empty_model(teacher_name, dtype, cfg.TRUST_REMOTE_CODE)
+    else:
+        student = common.load_model(cfg.STUDENT, load_dev, torch.float32, cfg.TRUST_REMOTE_CODE)
+        teacher = common.load_model(teacher_name, load_dev, dtype, cfg.TRUST_REMOTE_CODE)
     teacher.requires_grad_(False)
     if cfg.GRADIENT_CHECKPOINTING:
         kwargs = {"use_reentrant": False}
@@ -601,8 +646,13 @@ def main(argv: list[str]) -> dict:
                 "chunk": cfg.CHUNK_TOKENS}
     model = Distiller(student, proj.to(load_dev) if pairs else torch.nn.Identity(), pairs, settings)
     if shard:
-        shard_models(model, teacher, bf16=device.startswith("cuda"))
-        teacher.lm_head.to(dev)
+        full = (model.state_dict(), teacher.state_dict()) if rank == 0 else ({}, {})
+        shard_models(model, teacher, dev, world, bf16=device.startswith("cuda"))
+        if rank == 0:  # the others' lm_head is still empty: broadcast_weights places it
+            teacher.lm_head.to(dev)
+        broadcast_weights(model, full[0], dev, rank)
+        broadcast_weights(teacher, full[1], dev, rank)
+        del full
         (s_mine, s_all), (t_mine, t_all) = local_share(model), local_share(teacher.model)
         say(f"fsdp: {world} processes; this one holds {s_mine:,} of {s_all:,} student parameters "
             f"and {t_mine:,} of {t_all:,} teacher decoder parameters")
@@ -614,12 +664,14 @@ def main(argv: list[str]) -> dict:
         f"= {world} processes x {accum} micro-batches x {cfg.BATCH_SIZE} rows; {max_steps} steps "
         f"= {max_steps * tokens_per_step / 1e6:.2f}M tokens")
     need_teacher = cfg.KL_WEIGHT > 0 or bool(pairs)
-    flops_token = (3 * forward_flops_per_token(s_conf, cfg.SEQ_LEN)
-                   + (forward_flops_per_token(t_conf, cfg.SEQ_LEN) if need_teacher else 0))
+    # the teacher runs only for the KL or the hidden-state loss, its lm_head only for the KL
+    t_flops = (forward_flops_per_token(t_conf, cfg.SEQ_LEN, lm_head=cfg.KL_WEIGHT > 0)
+               if need_teacher else 0)
+    flops_token = 3 * forward_flops_per_token(s_conf, cfg.SEQ_LEN) + t_flops
     peak = peak_tflops(device, cfg.PEAK_TFLOPS)
     peak_s = f"{peak:g} TFLOP/s per device" if peak else "no known peak (set PEAK_TFLOPS)"
-    say(f"flops: {flops_token / 1e9:.3f} GFLOP per token (student forward+backward 3x, teacher "
-        f"forward 1x); MFU against {peak_s}")
+    say(f"flops: {flops_token / 1e9:.3f} GFLOP per token (student forward+backward 3x"
+        f"{', teacher forward 1x' if need_teacher else ', no teacher'}); MFU against {peak_s}")
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.LR,
                                   betas=(0.9, cfg.BETA2), weight_decay=cfg.WEIGHT_DECAY)
@@ -658,7 +710,7 @@ def main(argv: list[str]) -> dict:
         if main_proc:
             (tmp / "progress.json").write_text(json.dumps(
                 {"step": step, "tokens": tokens, "rows": step * cfg.GLOBAL_BATCH, "world": world,
-                 "data": position,
+                 "data": position, "fsdp": shard,
                  "ref_loss": ref_loss, "start": start_metrics, "config": vars(cfg)},
                 indent=2, default=str))
             final = ckpt_root / f"step-{step:07d}"
@@ -696,8 +748,8 @@ def main(argv: list[str]) -> dict:
                 with (torch.no_grad(), acc.autocast(),
                       hidden_states(teacher, [j for _, j in pairs]) as t_states):
                     t_last = teacher.model(input_ids=ids, use_cache=False).last_hidden_state
-            if shard:  # reduce-scatter gradients only after the last micro-batch
-                model.set_requires_gradient_sync(k == accum - 1)
+            # FSDP reduce-scatters every micro-batch's gradients: skipping that would keep
+            # whole float32 gradients on every process until the last one
             sync = (acc.no_sync(model) if k < accum - 1 and not shard
                     else contextlib.nullcontext())
             with sync:

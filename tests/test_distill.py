@@ -164,6 +164,9 @@ def test_flops_per_token_matches_counted_matmuls(make_config):
         model(input_ids=ids, use_cache=False).logits.sum().backward()
     counted = counter.get_total_flops() / ids.numel()
     assert 3 * distill.forward_flops_per_token(config, 24) == pytest.approx(counted, rel=0.02)
+    no_head = distill.forward_flops_per_token(config, 24, lm_head=False)  # teacher without KL
+    assert distill.forward_flops_per_token(config, 24) - no_head == 2 * 320 * 64
+    assert distill.peak_tflops("cpu", None) is None and distill.peak_tflops("cpu", 100) == 100.0
 
 
 @pytest.mark.parametrize("make_config", [olmo3_config, llama_config])
@@ -416,6 +419,8 @@ def test_fsdp_two_processes_shard_and_resume(student_dir, teacher_dir, text_file
     ckpt = tmp_path / "fsdp-checkpoints" / "step-0000004"
     assert {p.name for p in ckpt.glob("*.distcp")} == {"__0_0.distcp", "__1_0.distcp"}
     assert not (tmp_path / "fsdp").exists()
+    with pytest.raises(common.UserError, match="written with FSDP=True"):  # one process, no FSDP
+        run(student_dir, teacher_dir, text_file, tmp_path / "fsdp", *args)
     rest = subprocess.run(uv_cmd(*launch), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert rest.returncode == 0, rest.stderr[-3000:]
     assert "resume:" in rest.stdout and "step-0000004" in rest.stdout

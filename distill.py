@@ -51,10 +51,10 @@ Checkpoints: every CHECKPOINT_EVERY steps to CHECKPOINT_DIR/step-NNNNNNN (model,
 scheduler, data position, RNG; with FSDP as a torch.distributed.checkpoint directory that
 another number of processes can load, FSDP again), written atomically, the last
 KEEP_CHECKPOINTS kept. Running the same command again resumes from the latest one and continues
-with the same losses (bit-identical on CPU). The data position is saved as documents read plus the tokens carried into the next row,
-so resuming re-tokenizes nothing (the documents before that point are skipped: a local file by
-index, a hub stream read forward). STOP_AT_STEP ends a run early with a checkpoint (for
-time-limited jobs).
+with the same losses (bit-identical on CPU). The data position is saved as documents read plus
+the tokens carried into the next row, so resuming re-tokenizes nothing (the documents before
+that point are skipped: a local file by index, a hub stream read forward). STOP_AT_STEP ends a
+run early with a checkpoint (for time-limited jobs).
 
 Writes OUTPUT: an HF directory (weights in the student's stored dtype, tokenizer, chat template,
 generation config, explicit head_dim and layer_types) with prune.py's `pare.json` record

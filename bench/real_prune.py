@@ -24,6 +24,7 @@ SHAPES = {  # name: overrides
     "layers24_loss": ["TARGET_LAYERS=24", "DEPTH_METRIC='loss'"],
     "layers24_block": ["TARGET_LAYERS=24", "DEPTH_METRIC='block'"],
     "heads6": ["TARGET_HEADS=6"],
+    "heads6_output": ["TARGET_HEADS=6", "HEAD_SCORE='output'"],
 }
 RANDOM_SEEDS = (0, 1)  # random-kept baselines per shape
 EVAL_ARGS = ["NUM_SAMPLES=16", "SEQ_LEN=256", "BATCH_SIZE=4"]
@@ -49,7 +50,7 @@ def main(model, scores, eval_txt, out_dir, names):
     for name in names:
         args = [f"MODEL={model}", f"DATASET={eval_txt}", *EVAL_ARGS, *SHAPES[name]]
         runs = [("pare", scores)] + [(f"random{seed}", p) for seed, p in zip(RANDOM_SEEDS, rnd)]
-        if name.endswith(("_nocorr", "_loss", "_block")):
+        if name.endswith(("_nocorr", "_loss", "_block", "_output")):
             runs = runs[:1]  # variants of Pare's own choices: no random baseline needed
         for kind, path in runs:
             res = prune.main(args + [f"SCORES={path}", f"OUTPUT={out / f'{name}-{kind}'}"])

@@ -28,7 +28,8 @@ def fake_scores(config, seed=0):
             "layer": {i: 0.5 + i / 10 for i in range(n)}, "layer_loss": {}}
 
 
-def prune_in_memory(model, scores, grouping="similarity", norm_correction=True, **target):
+def prune_in_memory(model, scores, grouping="similarity", norm_correction=True,
+                    head_score="activation", **target):
     """What main() does between loading and writing, on a live model: shape -> plan -> slice ->
     fresh model loaded strictly."""
     config = model.config
@@ -44,9 +45,10 @@ def prune_in_memory(model, scores, grouping="similarity", norm_correction=True, 
 
     def layer_weights(i):
         a = model.model.layers[i].self_attn
-        return a.k_proj.weight, a.v_proj.weight, getattr(a, "k_norm", None) and a.k_norm.weight
+        return (a.k_proj.weight, a.v_proj.weight, getattr(a, "k_norm", None) and a.k_norm.weight,
+                a.o_proj.weight)
 
-    cfg = types.SimpleNamespace(GQA_GROUPING=grouping)
+    cfg = types.SimpleNamespace(GQA_GROUPING=grouping, HEAD_SCORE=head_score)
     plan = prune.make_plan(scores, src, shape, layers, layer_weights, cfg)
     state = prune.slice_state_dict(model.state_dict(), plan, src, norm_correction)
     new = prune.build_model(prune.pruned_config(config, shape, layers, torch.float32), state,
@@ -123,6 +125,36 @@ def test_dropping_zero_hidden_channels_is_exact_with_norm_correction(make_config
     torch.testing.assert_close(logits(new, ids()), want, rtol=1e-4, atol=1e-4)
     raw, _ = prune_in_memory(model, scores, norm_correction=False, hidden_size=48)
     assert (logits(raw, ids()) - want).abs().max() > 1e-2  # the correction is what makes it exact
+
+
+@MAKERS
+def test_head_score_output_drops_heads_o_proj_silences(make_config):
+    """Heads whose o_proj columns are zero contribute nothing: ranked by 'output' they go first,
+    although their activation scores are the highest; dropping them is exact on Llama (Olmo 3's
+    q/k norms span all heads, so removing any head moves the others a little)."""
+    model = make_model(make_config())
+    src = common.shape_of(model.config)
+    per = src["num_attention_heads"] // src["num_key_value_heads"]
+    silent = [0] if per == 1 else [g * per for g in range(src["num_key_value_heads"])]
+    hd = src["head_dim"]
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for h in silent:
+                layer.self_attn.o_proj.weight[:, h * hd:(h + 1) * hd] = 0
+    scores = fake_scores(model.config)
+    scores["attention"][:, silent] = 10.0  # the activation score says: keep these
+    target = {"num_attention_heads": src["num_attention_heads"] - len(silent)}
+    if per == 1:
+        target["num_key_value_heads"] = target["num_attention_heads"]
+    x = ids()
+    out, plan = prune_in_memory(model, scores, head_score="output", **target)
+    assert all(not set(silent) & set(heads) for heads in plan["heads"])
+    err_output = (logits(out, x) - logits(model, x)).abs().max()
+    if model.config.model_type == "llama":
+        assert err_output < 1e-5
+    act, plan = prune_in_memory(model, scores, head_score="activation", **target)
+    assert all(set(silent) <= set(heads) for heads in plan["heads"])
+    assert (logits(act, x) - logits(model, x)).abs().max() > 10 * err_output
 
 
 def test_mha_to_gqa_with_identical_kv_in_groups_is_exact():
@@ -330,6 +362,7 @@ def test_bad_inputs(yarn_olmo, llama_dir, tmp_path):
     assert "only 6 may be dropped" in bad("TARGET_LAYERS=1")  # 2 full-attention layers protected
     assert "DEPTH_METRIC" in bad("TARGET_LAYERS=6", "DEPTH_METRIC='random'")
     assert "GQA_GROUPING" in bad("GQA_GROUPING='hash'")
+    assert "HEAD_SCORE" in bad("HEAD_SCORE='norm'")
     assert "both set" in bad("TARGET_PARAMS=1e5", "TARGET_FFN=64")
     assert "bigger than the source" in bad("TARGET_PARAMS=1e12")
     assert "no candidate shape" in bad("TARGET_PARAMS=1e3")

@@ -597,8 +597,9 @@ def main(argv: list[str]) -> dict:
         if changed:
             raise common.UserError(f"{saved[-1]} was written with other settings {changed} "
                                    f"(saved, now); restore them or delete {ckpt_root}")
-        if progress.get("fsdp", False) != shard:
-            raise common.UserError(f"{saved[-1]} was written with FSDP={progress.get('fsdp')} "
+        was_sharded = bool(progress.get("fsdp", progress["config"].get("FSDP")))
+        if was_sharded != shard:
+            raise common.UserError(f"{saved[-1]} was written with FSDP={was_sharded} "
                                    f"(sharded checkpoint or not); resume with the same FSDP and "
                                    f"launch, or delete {ckpt_root}")
         if "data" not in progress:

@@ -345,7 +345,8 @@ def make_plan(scores: dict, src: dict, shape: dict, layers: list[int], layer_wei
             features = kv_features(k_w, v_w, k_gain, n_kv)
         importance = scores["attention"][i]
         if cfg.HEAD_SCORE == "output":
-            importance = importance * head_output_norms(o_w, src["num_attention_heads"])
+            norms = head_output_norms(o_w, src["num_attention_heads"])
+            importance = importance * norms.to(importance.device)  # weights may be on a GPU
         groups = choose_heads(importance, src, shape, features, cfg.GQA_GROUPING)
         plan["kv_groups"].append(groups)
         plan["heads"].append([h for g in groups for h in g])

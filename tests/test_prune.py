@@ -154,7 +154,7 @@ def test_head_score_output_drops_heads_o_proj_silences(make_config):
         assert err_output < 1e-5
     act, plan = prune_in_memory(model, scores, head_score="activation", **target)
     assert all(set(silent) <= set(heads) for heads in plan["heads"])
-    assert (logits(act, x) - logits(model, x)).abs().max() > 10 * err_output
+    assert (logits(act, x) - logits(model, x)).abs().max() > 5 * err_output  # olmo3: 0.93 vs 0.086
 
 
 def test_mha_to_gqa_with_identical_kv_in_groups_is_exact():

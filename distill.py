@@ -500,6 +500,49 @@ def full_student(model, student_dir: str, trust_remote_code: bool):
 
 # ---- main -----------------------------------------------------------------------------------
 
+def check_resumable(progress: dict, path: Path, cfg, shard: bool, world: int, say=print) -> None:
+    """Refuse to resume from the checkpoint at `path` (its progress.json: `progress`) when the
+    losses would not continue: other settings, the other checkpoint format, no data position."""
+    changed = {k: (progress["config"].get(k), v) for k, v in vars(cfg).items()
+               if k not in _RESUMABLE and progress["config"].get(k) != v}
+    if changed:
+        raise common.UserError(f"{path} was written with other settings {changed} "
+                               f"(saved, now); restore them or delete {path.parent}")
+    was_sharded = bool(progress.get("fsdp", progress["config"].get("FSDP")))
+    if was_sharded != shard:
+        raise common.UserError(f"{path} was written with FSDP={was_sharded} (sharded checkpoint "
+                               f"or not); resume with the same FSDP and launch, or delete "
+                               f"{path.parent}")
+    if "data" not in progress:
+        raise common.UserError(f"{path} has no data position (written by an older version); "
+                               f"delete {path.parent} to start again")
+    if progress["world"] != world:
+        say(f"warning: checkpoint written by {progress['world']} processes, resuming on "
+            f"{world}: same data order, losses equal only within float tolerance")
+
+
+def load_pair(cfg, teacher_name: str, dtype: torch.dtype, device: str, shard: bool, rank: int):
+    """(student in float32, ready to train; teacher in `dtype`, frozen). Under FSDP they are
+    read into CPU memory by the first process only (FSDP moves each shard to the device as it
+    cuts it); the other processes get empty models and receive their shards later."""
+    if shard and rank > 0:
+        student = empty_model(cfg.STUDENT, torch.float32, cfg.TRUST_REMOTE_CODE)
+        teacher = empty_model(teacher_name, dtype, cfg.TRUST_REMOTE_CODE)
+    else:
+        where = "cpu" if shard else device
+        student = common.load_model(cfg.STUDENT, where, torch.float32, cfg.TRUST_REMOTE_CODE)
+        teacher = common.load_model(teacher_name, where, dtype, cfg.TRUST_REMOTE_CODE)
+    teacher.requires_grad_(False)
+    if cfg.GRADIENT_CHECKPOINTING:
+        kwargs = {"use_reentrant": False}
+        if hasattr(student, "activation_checkpointing_enable"):  # transformers >= 5.2x
+            student.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    student.train()
+    return student, teacher
+
+
 def validate(cfg):
     """Cheap checks on the constants alone."""
     for name in ("SEQ_LEN", "BATCH_SIZE", "GLOBAL_BATCH", "CHUNK_TOKENS", "LOG_EVERY",
@@ -592,22 +635,7 @@ def main(argv: list[str]) -> dict:
     saved = checkpoints(ckpt_root)
     progress = json.loads((saved[-1] / "progress.json").read_text()) if saved else None
     if progress:
-        changed = {k: (progress["config"].get(k), v) for k, v in vars(cfg).items()
-                   if k not in _RESUMABLE and progress["config"].get(k) != v}
-        if changed:
-            raise common.UserError(f"{saved[-1]} was written with other settings {changed} "
-                                   f"(saved, now); restore them or delete {ckpt_root}")
-        was_sharded = bool(progress.get("fsdp", progress["config"].get("FSDP")))
-        if was_sharded != shard:
-            raise common.UserError(f"{saved[-1]} was written with FSDP={was_sharded} "
-                                   f"(sharded checkpoint or not); resume with the same FSDP and "
-                                   f"launch, or delete {ckpt_root}")
-        if "data" not in progress:
-            raise common.UserError(f"{saved[-1]} has no data position (written by an older "
-                                   f"version); delete {ckpt_root} to start again")
-        if progress["world"] != world:
-            say(f"warning: checkpoint written by {progress['world']} processes, resuming on "
-                f"{world}: same data order, losses equal only within float tolerance")
+        check_resumable(progress, saved[-1], cfg, shard, world, say)
     start_step = progress["step"] if progress else 0
     position = progress["data"] if progress else start_position()
     stream = row_stream(cfg.DATASET, tokenizer, cfg.SEQ_LEN, cfg.SEED, held, position, say)
@@ -617,21 +645,7 @@ def main(argv: list[str]) -> dict:
     dev = str(acc.device)
     t0 = time.time()
     set_seed(cfg.SEED)
-    load_dev = "cpu" if shard else dev  # FSDP moves each shard to `dev` as it cuts it
-    if shard and rank > 0:  # only the first process reads the weights; it sends the others theirs
-        student = empty_model(cfg.STUDENT, torch.float32, cfg.TRUST_REMOTE_CODE)
-        teacher = empty_model(teacher_name, dtype, cfg.TRUST_REMOTE_CODE)
-    else:
-        student = common.load_model(cfg.STUDENT, load_dev, torch.float32, cfg.TRUST_REMOTE_CODE)
-        teacher = common.load_model(teacher_name, load_dev, dtype, cfg.TRUST_REMOTE_CODE)
-    teacher.requires_grad_(False)
-    if cfg.GRADIENT_CHECKPOINTING:
-        kwargs = {"use_reentrant": False}
-        if hasattr(student, "activation_checkpointing_enable"):  # transformers >= 5.2x
-            student.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    student.train()
+    student, teacher = load_pair(cfg, teacher_name, dtype, dev, shard, rank)
     n_s, n_t = s_conf.num_hidden_layers, t_conf.num_hidden_layers
     kept = (record.get("kept") or {}).get("layers") or list(range(n_s))
     n_source = (record.get("source_shape") or {}).get("num_hidden_layers", n_t)
@@ -645,7 +659,8 @@ def main(argv: list[str]) -> dict:
     proj = make_proj(s_conf.hidden_size, t_conf.hidden_size, kept_hidden if pairs else None)
     settings = {"temperature": cfg.TEMPERATURE, "kl_w": cfg.KL_WEIGHT, "ce_w": cfg.CE_WEIGHT,
                 "chunk": cfg.CHUNK_TOKENS}
-    model = Distiller(student, proj.to(load_dev) if pairs else torch.nn.Identity(), pairs, settings)
+    model = Distiller(student, proj.to(student.device) if pairs else torch.nn.Identity(), pairs,
+                      settings)
     if shard:
         full = (model.state_dict(), teacher.state_dict()) if rank == 0 else ({}, {})
         shard_models(model, teacher, dev, world, bf16=device.startswith("cuda"))

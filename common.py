@@ -257,7 +257,7 @@ def _documents_from_file(path: Path):
                 try:
                     records.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    raise UserError(f"DATASET={str(path)!r}: line {i + 1} is not JSON ({e})")
+                    raise UserError(f"DATASET={str(path)!r}: line {i + 1} is not JSON ({e})") from None
         return records
     import pyarrow.parquet as pq
     return pq.read_table(path).to_pylist()

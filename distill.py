@@ -38,7 +38,9 @@ student's optimizer state and gradients, plus the layer being computed (gradient
 reduce-scattered after every micro-batch, so none is ever held whole). The teacher's output
 layer is kept whole on every process (the chunked loss reads it directly). Only the first
 process reads the checkpoints, into CPU memory; the others build empty models and receive their
-shards from it.
+shards from it. Before loading, the run prints what weights, gradients and optimizer state need
+per process (student: float32 AdamW, 16 bytes per parameter) and warns when that exceeds 90% of
+the GPU.
 
 Held-out: EVAL_SAMPLES rows (the first rows of DATASET, never trained on, or EVAL_DATASET) give
 KL(teacher || student) and student perplexity every EVAL_EVERY steps; the teacher's perplexity
@@ -328,6 +330,20 @@ def peak_tflops(device: str, override: float | None) -> float | None:
             return None
         return next((v for k, v in KNOWN_PEAK_TFLOPS.items() if k in name), None)
     return None
+
+
+def state_gib(s_conf, t_conf, teacher_dtype: torch.dtype, shards: int) -> dict:
+    """Weights, gradients and optimizer state one process holds, in GiB (activations not
+    included): the student trains in float32 with AdamW, 16 bytes per parameter (weight,
+    gradient, two moments); the teacher only has weights. Under FSDP (`shards` processes) each
+    holds 1/shards of both, plus the teacher's lm_head whole."""
+    def params(c):
+        return common.param_count(common.shape_of(c), c)["total"]
+    student = 16 * params(s_conf) / shards
+    t_bytes = torch.finfo(teacher_dtype).bits // 8
+    head = t_conf.vocab_size * t_conf.hidden_size * t_bytes
+    teacher = t_bytes * params(t_conf) / shards + (head * (1 - 1 / shards))
+    return {"student": student / 2**30, "teacher": teacher / 2**30}
 
 
 def peak_memory_gib(device: str) -> tuple[float, str]:
@@ -643,6 +659,16 @@ def main(argv: list[str]) -> dict:
 
     dtype = common.pick_dtype(cfg.DTYPE, device)
     dev = str(acc.device)
+    need = state_gib(s_conf, t_conf, dtype, world if shard else 1)
+    total = sum(need.values())
+    say(f"memory: about {total:.1f} GiB per process before activations (student weights, "
+        f"gradients and AdamW state {need['student']:.1f} GiB, teacher {need['teacher']:.1f} GiB"
+        f"{', sharded over ' + str(world) + ' processes' if shard else ''})")
+    if device.startswith("cuda"):
+        have = torch.cuda.get_device_properties(acc.device).total_memory / 2**30
+        if total > 0.9 * have:
+            say(f"warning: that is more than 90% of this GPU's {have:.0f} GiB; expect out-of-memory"
+                f"{'' if shard else ': shard both models with FSDP=True over several GPUs'}")
     t0 = time.time()
     set_seed(cfg.SEED)
     student, teacher = load_pair(cfg, teacher_name, dtype, dev, shard, rank)

@@ -182,6 +182,18 @@ def test_hidden_states_hooks_match_output_hidden_states(make_config):
     assert all(torch.equal(got[i], ref[i]) for i in range(n))
 
 
+def test_state_memory_estimate_counts_the_real_parameters():
+    student, teacher = make_model(llama_config(intermediate_size=48)), make_model(olmo3_config())
+    n_s = sum(p.numel() for p in student.parameters())  # tied: the embedding counted once
+    n_t = sum(p.numel() for p in teacher.parameters())
+    one = distill.state_gib(student.config, teacher.config, torch.bfloat16, 1)
+    assert one["student"] * 2**30 == 16 * n_s and one["teacher"] * 2**30 == 2 * n_t
+    two = distill.state_gib(student.config, teacher.config, torch.bfloat16, 2)
+    head = 320 * 64 * 2  # the teacher's lm_head stays whole on every process
+    assert two["student"] * 2**30 == 8 * n_s
+    assert two["teacher"] * 2**30 == pytest.approx((2 * n_t - head) / 2 + head)
+
+
 def test_packed_rows_match_calibration_rows(tokenizer, text_file):
     rows = common.calibration_rows(text_file, tokenizer, 5, 16, 0)
     stream = common.packed_rows(text_file, tokenizer, 16, 0)
@@ -303,6 +315,7 @@ def test_hidden_loss_on_when_depth_cut(teacher_dir, text_file, tmp_path, capsys)
         "CHECKPOINT_EVERY=0")
     printed = capsys.readouterr().out
     assert "hidden_loss: on, (student, teacher) hidden states [(0, 0), (1, 1)]" in printed
+    assert re.search(r"^memory: about [0-9.]+ GiB per process", printed, re.M)
     hid = [float(m) for m in re.findall(r"\| hid ([0-9.]+)", printed)]
     assert len(hid) == 3 and all(h > 0 for h in hid)
     assert common.read_record(tmp_path / "out")["distill"]["hidden_loss_pairs"] == [[0, 0], [1, 1]]

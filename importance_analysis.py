@@ -52,7 +52,7 @@ NUM_SAMPLES = 1024                     # packed rows scored (Minitron P1: 1024 i
 SEQ_LEN = 4096                         # tokens per packed row
 BATCH_SIZE = 8                         # rows per forward pass
 SEED = 0                               # shuffles the documents before packing
-LOSS_SAMPLES = 8                       # further rows for the per-layer skip loss (costs n_layers+1 passes); 0: off
+LOSS_SAMPLES = 8                       # rows for the per-layer skip loss (n_layers+1 passes); 0: off
 # ---- output ---------------------------------------------------------------------------------
 OUTPUT = "out/scores.pt"               # scores file; prune.py reads this path by default
 

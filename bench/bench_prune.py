@@ -70,7 +70,8 @@ def main():
     scores = fake_scores(model_dir, OUT / "scores.pt")
     _, eval_txt = write_corpus(OUT / "corpus")
     config = common.load_config(model_dir)
-    print(f"model: {kind} {model_dir} ({prune.fmt_params(common.param_count(common.shape_of(config), config)['total'])})")
+    n = common.param_count(common.shape_of(config), config)["total"]
+    print(f"model: {kind} {model_dir} ({prune.fmt_params(n)})")
 
     def load_save():
         t0 = time.perf_counter()

@@ -44,8 +44,8 @@ def main():
     low = loss_with_zeroed(model, rows, mlp.argsort(1)[:, :k])
     high = loss_with_zeroed(model, rows, mlp.argsort(1, descending=True)[:, :k])
     rand = [loss_with_zeroed(model, rows, torch.stack([
-        torch.randperm(mlp.shape[1], generator=torch.Generator().manual_seed(s + 100 * l))[:k]
-        for l in range(mlp.shape[0])])) for s in range(3)]
+        torch.randperm(mlp.shape[1], generator=torch.Generator().manual_seed(s + 100 * layer))[:k]
+        for layer in range(mlp.shape[0])])) for s in range(3)]
     r = sum(rand) / len(rand)
     print(f"held_out_tokens: {rows.numel()}")
     print(f"zeroed_per_layer: {k} of {mlp.shape[1]}")

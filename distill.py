@@ -412,11 +412,10 @@ def checkpoints(root: Path) -> list[Path]:
 
 # ---- sharding (FSDP2) -----------------------------------------------------------------------
 
-def empty_model(name: str, dtype: torch.dtype, trust_remote_code: bool = False):
-    """A model's architecture without weights (meta device), for a process that will receive
-    its shards from the first process instead of reading the checkpoint itself."""
+def empty_model(config, dtype: torch.dtype, trust_remote_code: bool = False):
+    """The architecture of `config` without weights (meta device), for a process that will
+    receive its shards from the first process instead of reading the checkpoint itself."""
     from transformers import AutoModelForCausalLM
-    config = common.load_config(name, trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype,
                                                  trust_remote_code=trust_remote_code)
@@ -537,13 +536,15 @@ def check_resumable(progress: dict, path: Path, cfg, shard: bool, world: int, sa
             f"{world}: same data order, losses equal only within float tolerance")
 
 
-def load_pair(cfg, teacher_name: str, dtype: torch.dtype, device: str, shard: bool, rank: int):
+def load_pair(cfg, teacher_name: str, configs: tuple, dtype: torch.dtype, device: str,
+              shard: bool, rank: int):
     """(student in float32, ready to train; teacher in `dtype`, frozen). Under FSDP they are
     read into CPU memory by the first process only (FSDP moves each shard to the device as it
-    cuts it); the other processes get empty models and receive their shards later."""
+    cuts it); the other processes get empty models of `configs` (student's, teacher's) and
+    receive their shards later."""
     if shard and rank > 0:
-        student = empty_model(cfg.STUDENT, torch.float32, cfg.TRUST_REMOTE_CODE)
-        teacher = empty_model(teacher_name, dtype, cfg.TRUST_REMOTE_CODE)
+        student = empty_model(configs[0], torch.float32, cfg.TRUST_REMOTE_CODE)
+        teacher = empty_model(configs[1], dtype, cfg.TRUST_REMOTE_CODE)
     else:
         where = "cpu" if shard else device
         student = common.load_model(cfg.STUDENT, where, torch.float32, cfg.TRUST_REMOTE_CODE)
@@ -671,7 +672,7 @@ def main(argv: list[str]) -> dict:
                 f"{'' if shard else ': shard both models with FSDP=True over several GPUs'}")
     t0 = time.time()
     set_seed(cfg.SEED)
-    student, teacher = load_pair(cfg, teacher_name, dtype, dev, shard, rank)
+    student, teacher = load_pair(cfg, teacher_name, (s_conf, t_conf), dtype, dev, shard, rank)
     n_s, n_t = s_conf.num_hidden_layers, t_conf.num_hidden_layers
     kept = (record.get("kept") or {}).get("layers") or list(range(n_s))
     n_source = (record.get("source_shape") or {}).get("num_hidden_layers", n_t)

@@ -1,111 +1,155 @@
-"""Infrastructure shared by Pare's three scripts: overrides, errors, loading, data, small helpers.
+"""Infrastructure shared by Pare's three scripts; nothing here is part of the algorithm.
 
-Nothing here is part of the algorithm; each script keeps its own maths. What lives here:
-
-- `configure(namespace, argv)`: the one override mechanism. Every script's UPPER_CASE constants
-  can be set for a single run as `uv run SCRIPT.py NAME=value ...`.
-- `UserError` and `run(main)`: a bad input becomes one `error: ...` line and exit status 2.
-- `FAMILIES` / `family_of(config)`: the small, explicit description of each supported
-  architecture's module names (Olmo 3 and Olmo 2 post-norm blocks; pre-norm Llama-family).
-- `load_tokenizer`, `load_config`, `load_model`: from a hub id or a local directory.
-- `calibration_rows(...)`: documents from a hub dataset or a local file, rendered, packed;
-  `packed_rows` streams the same rows with a resumable position.
-- `lm_loss`, `skip_loss`, `evaluate`: held-out loss (also with layers skipped), perplexity and
-  KL(teacher || student), computed in chunks of tokens so full-vocabulary logits never exist for
-  a whole batch; `final_hiddens` keeps a teacher's outputs for comparing many students.
-- `write_checkpoint`, `read_record`: an HF directory (weights, tokenizer, chat template,
-  generation config) plus Pare's `pare.json` record, written atomically.
+Configuration (`configure`, `recipe`), errors and exits (`UserError`, `run`, `print0`), paths
+that never destroy a user's data (`check_output`, `write_atomic`, `writing`), model identity
+(`fingerprint`), loading, calibration data, chunked held-out metrics and checkpoints with
+Pare's `pare.json` record.
 """
 
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
+import errno
+import hashlib
 import itertools
 import json
 import math
 import os
 import random
 import shutil
+import socket
 import sys
+import time
 import types
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 
 # ----------------------------------------------------------------------------------------------
-# Errors and the override mechanism
+# Printing, errors and exits
+
+def is_first_process() -> bool:
+    """False in the processes that `accelerate launch` starts after the first one."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def print0(*args, **kwargs):
+    """print() on the first process only (every script's one way to talk to the user)."""
+    if is_first_process():
+        print(*args, **kwargs)
+
 
 class UserError(Exception):
     """A problem with the user's input: printed as one line, exit status 2, nothing written."""
 
 
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM after the script kept what it had finished: one line, exit status 130."""
+
+
 def run(main):
-    """Call `main(sys.argv[1:])`; turn a UserError into one `error:` line and exit status 2."""
+    """Call `main(sys.argv[1:])`; a UserError is one `error:` line and exit status 2, an
+    interrupt one `interrupted:` line and exit status 130 (never a traceback for either)."""
     try:
         main(sys.argv[1:])
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Interrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        print("interrupted: nothing was saved", file=sys.stderr)
+        sys.exit(130)
 
 
-def constants(namespace: dict) -> dict:
-    """The UPPER_CASE configuration constants of a script's module namespace, in order."""
+# ----------------------------------------------------------------------------------------------
+# Configuration: public UPPER_CASE knobs are overridable per run; _UPPER_CASE recipe constants are
+# edited in the script, never per run, and recorded with the knobs in every artefact.
+
+def knobs(namespace: dict) -> dict:
+    """The per-run knobs of a script's module namespace, in order: its public UPPER_CASE
+    constants that hold a string, number, bool, list or None (tuples, dicts and sets are the
+    script's tables, not knobs)."""
     return {k: v for k, v in namespace.items()
-            if k.isupper() and not k.startswith("_") and not callable(v)
+            if k.isupper() and not k.startswith("_")
+            and (v is None or isinstance(v, (str, int, float, bool, list)))}
+
+
+def recipe(namespace: dict) -> dict:
+    """The recipe constants of a script (`_UPPER_CASE`), JSON-ready, for the artefact's record."""
+    return {k: json.loads(json.dumps(v, default=str)) for k, v in namespace.items()
+            if k.startswith("_") and k[1:2].isalpha() and k.isupper() and not callable(v)
             and not isinstance(v, types.ModuleType)}
 
 
-def _parse_value(name: str, raw: str, default):
-    """Parse one override: a Python literal where it is one, else the raw string; type-checked."""
+def _parse_value(name: str, raw: str, default, annotation):
+    """One override: a Python literal where it is one, else the raw string. It must fit the
+    knob's annotation (`X: int | None = None`) or, without one, the default's type; where a
+    string is allowed anything else is kept as its text (MODEL=123 is a name, not a number)."""
     try:
         value = ast.literal_eval(raw)
     except (ValueError, SyntaxError):
         value = raw
-    if default is None:
-        return value
-    if isinstance(default, str):
-        return value if isinstance(value, str) else raw  # MODEL=123 is a name, not a number
-    if isinstance(default, bool):
-        if isinstance(value, bool):
-            return value
-    elif isinstance(default, int):
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif isinstance(default, float):
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif isinstance(default, (list, tuple)):
-        if isinstance(value, (list, tuple)):
-            return type(default)(value)
-    elif isinstance(value, type(default)):
-        return value
-    raise UserError(f"{name}={raw!r}: expected a {type(default).__name__} "
-                    f"like the default {default!r}")
+    kinds = list(getattr(annotation, "__args__", (annotation,))) if annotation else [type(default)]
+    if value is None and type(None) in kinds:
+        return None
+    for kind in kinds:
+        if kind is bool:
+            ok = isinstance(value, bool)
+        elif kind in (int, float):
+            ok = isinstance(value, (int, float) if kind is float else int) and not isinstance(
+                value, bool)
+        elif kind in (list, tuple):
+            ok = isinstance(value, (list, tuple))
+        else:
+            ok = kind is not type(None) and isinstance(value, kind)
+        if ok:
+            return kind(value) if kind in (float, list, tuple) else value
+    if str in kinds:
+        return raw
+    want = " or ".join("None" if k is type(None) else k.__name__ for k in kinds)
+    raise UserError(f"{name}={raw!r}: expected {want}, like the default {default!r}")
 
 
 def configure(namespace: dict, argv: list[str]) -> types.SimpleNamespace:
-    """Resolve a script's constants with `NAME=value` overrides; print and return them.
+    """Resolve a script's knobs with `NAME=value` overrides; print and return them.
 
-    `namespace` is the script's `globals()`. The module itself is not modified: the returned
-    namespace (`cfg.MODEL`, ...) is the resolved configuration for this run.
+    `namespace` is the script's `globals()`; the module itself is not modified. Recipe constants
+    (`_NAME`) are not overridable: an override names the line to edit instead.
     """
-    cfg = constants(namespace)
+    cfg = knobs(namespace)
+    annotations = namespace.get("__annotations__", {})
+    for k, v in cfg.items():
+        if v is None and k not in annotations:  # a programming error, caught by the tests
+            raise TypeError(f"knob {k} defaults to None and needs an annotation (X: int | None)")
     for arg in argv:
         name, sep, raw = arg.partition("=")
         if not sep or not name:
             raise UserError(f"arguments are NAME=value overrides, got {arg!r}; "
                             f"valid names: {', '.join(cfg)}")
         if name not in cfg:
-            raise UserError(f"unknown constant {name!r}; valid names: {', '.join(cfg)}")
-        cfg[name] = _parse_value(name, raw, constants(namespace)[name])
+            hint = (f"; {name} is a recipe constant: edit _{name} in the script"
+                    if f"_{name}" in namespace else "")
+            raise UserError(f"unknown constant {name!r}{hint}; valid names: {', '.join(cfg)}")
+        cfg[name] = _parse_value(name, raw, knobs(namespace)[name], annotations.get(name))
     width = max(len(k) for k in cfg)
-    print("config:")
+    print0("config:")
     for k, v in cfg.items():
-        print(f"  {k:<{width}} = {v!r}")
+        print0(f"  {k:<{width}} = {v!r}")
     return types.SimpleNamespace(**cfg)
+
+
+def at_least(cfg, minimum: int, *names: str):
+    """Each named integer knob is at least `minimum`, or a UserError naming it."""
+    for name in names:
+        if getattr(cfg, name) < minimum:
+            raise UserError(f"{name} must be at least {minimum}, got {getattr(cfg, name)}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -125,15 +169,17 @@ OLMO = Family(post_norm=True, attn_norm="post_attention_layernorm",
 LLAMA = Family(post_norm=False, attn_norm="input_layernorm",
                mlp_norm="post_attention_layernorm", qk_norm=False)
 FAMILIES = {"olmo3": OLMO, "olmo2": OLMO, "llama": LLAMA, "qwen2": LLAMA, "mistral": LLAMA}
+SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+              "num_hidden_layers", "head_dim")
 
 
-def family_of(config) -> Family:
+def family_of(config, constant: str = "MODEL") -> Family:
     """The Family of a transformers config, or a UserError naming the supported ones."""
     family = FAMILIES.get(getattr(config, "model_type", None))
     if family is None:
         raise UserError(f"unsupported architecture {config.model_type!r} "
                         f"({', '.join(getattr(config, 'architectures', None) or [])}); "
-                        f"MODEL must be one of: {', '.join(FAMILIES)}")
+                        f"{constant} must be one of: {', '.join(FAMILIES)}")
     return family
 
 
@@ -164,43 +210,6 @@ def layer_types(config) -> list[str]:
     return list(types_) if types_ else ["full_attention"] * config.num_hidden_layers
 
 
-# ----------------------------------------------------------------------------------------------
-# Devices, dtypes, loading
-
-def pick_device(device: str | None) -> str:
-    """`device` as given, else cuda when available, else cpu."""
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def pick_dtype(dtype: str | None, device: str) -> torch.dtype:
-    """`dtype` by name; by default bfloat16 on GPU and float32 on CPU (bf16 is ~5x slower there)."""
-    if dtype is None:
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    if not isinstance(getattr(torch, dtype, None), torch.dtype):
-        raise UserError(f"DTYPE={dtype!r} is not a torch dtype (try 'bfloat16' or 'float32')")
-    return getattr(torch, dtype)
-
-
-def load_config(name: str, trust_remote_code: bool = False):
-    """The model's config (cheap: no weights), or a UserError naming MODEL."""
-    from transformers import AutoConfig
-    try:
-        return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load a model config from MODEL={name!r}: "
-                        f"{str(e).splitlines()[0]}") from None
-
-
-def load_tokenizer(name: str, trust_remote_code: bool = False):
-    """The tokenizer of a hub id or local directory, or a UserError naming MODEL."""
-    from transformers import AutoTokenizer
-    try:
-        return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load a tokenizer from MODEL={name!r}: "
-                        f"{str(e).splitlines()[0]}") from None
-
-
 def param_count(shape: dict, config) -> dict:
     """Exact parameters of a dense Llama/Olmo-style decoder of `shape` (a `shape_of` dict; norms
     and biases in): {"total", "non_embedding"}. `config` supplies vocabulary, ties and biases."""
@@ -219,24 +228,343 @@ def param_count(shape: dict, config) -> dict:
     return {"total": total, "non_embedding": total - embed}
 
 
-def load_model(name: str, device: str, dtype: torch.dtype, trust_remote_code: bool = False):
+# ----------------------------------------------------------------------------------------------
+# Devices and dtypes
+
+def pick_device(device: str | None) -> str:
+    """`device` checked (DEVICE), else cuda when available, else cpu."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        raise UserError(f"DEVICE={device!r} is not a torch device; use 'cpu', 'cuda' or "
+                        f"None (cuda when available)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"DEVICE={device!r} but torch sees no GPU here; use DEVICE='cpu' or None")
+    if kind not in ("cpu", "cuda"):
+        raise UserError(f"DEVICE={device!r}: Pare runs on 'cpu' or 'cuda'")
+    return device
+
+
+def pick_dtype(dtype: str | None, device: str, constant: str = "_DTYPE") -> torch.dtype:
+    """`dtype` by name; by default bfloat16 on GPU and float32 on CPU (bf16 is ~5x slower there)."""
+    if dtype is None:
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if not isinstance(getattr(torch, str(dtype), None), torch.dtype):
+        raise UserError(f"{constant}={dtype!r} is not a torch dtype (try 'bfloat16' or 'float32')")
+    return getattr(torch, dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model names: a local directory or a hub id, checked before anything slow happens
+
+def _hub_endpoint() -> tuple[str, int]:
+    from urllib.parse import urlparse
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    return url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+
+
+_HUB_REACHABLE: dict = {}
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub answers a TCP connect within `timeout` s (once per process): without this
+    check an unreachable hub costs ~30 s of retries per file before it fails."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    if "ok" not in _HUB_REACHABLE:
+        try:
+            socket.create_connection(_hub_endpoint(), timeout=timeout).close()
+            _HUB_REACHABLE["ok"] = True
+        except OSError:
+            _HUB_REACHABLE["ok"] = False
+    return _HUB_REACHABLE["ok"]
+
+
+def model_files(name: str) -> Path | None:
+    """The local directory holding `name`'s files: the directory itself, or the hub cache's
+    snapshot of a hub id (None when it is not cached)."""
+    if Path(name).is_dir():
+        return Path(name)
+    from huggingface_hub import try_to_load_from_cache
+    try:
+        hit = try_to_load_from_cache(name, "config.json")
+    except Exception:  # an id the hub would refuse (e.g. two slashes) is simply not cached
+        return None
+    return Path(hit).parent if isinstance(hit, str) else None
+
+
+def check_model(name: str, constant: str) -> str:
+    """`name` (the value of `constant`) is a model directory, or a hub id that is cached or can
+    be downloaded now; anything else is one UserError that says which and what to do."""
+    if not isinstance(name, str) or not name:
+        raise UserError(f"{constant}={name!r} must name a model directory or a hub id")
+    p = Path(name).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise UserError(f"{constant}={name!r} is a directory without config.json: not a "
+                            f"Hugging Face model directory")
+        return str(p)
+    if p.exists():
+        raise UserError(f"{constant}={name!r} is a file; it must be a model directory or hub id")
+    parts = name.split("/")
+    local = (name.startswith((".", "/", "~")) or len(parts) != 2 or not all(parts)
+             or (p.parent != Path(".") and p.parent.is_dir()))
+    if local:
+        raise UserError(f"{constant}={name!r}: no such directory (and not a hub id of the form "
+                        f"'org/name')")
+    if model_files(name) is not None:
+        return name
+    if not hub_reachable():
+        raise UserError(f"{constant}={name!r} is neither a local directory nor a hub model in the "
+                        f"local cache, and the hub cannot be reached from here (offline, or "
+                        f"HF_HUB_OFFLINE=1); set {constant} to a local directory")
+    return name
+
+
+def load_config(name: str, constant: str = "MODEL"):
+    """The model's config (cheap: no weights), or a UserError naming `constant`."""
+    from transformers import AutoConfig
+    check_model(name, constant)
+    try:
+        return AutoConfig.from_pretrained(name)
+    except (OSError, ValueError, KeyError) as e:
+        text = str(e)
+        if "trust_remote_code" in text:
+            raise UserError(f"{constant}={name!r} needs code shipped with the model "
+                            f"(trust_remote_code), which Pare does not run; supported "
+                            f"architectures: {', '.join(FAMILIES)}") from None
+        raise UserError(f"cannot load a model config from {constant}={name!r}: "
+                        f"{' '.join(text.split())[:300]}") from None
+
+
+def load_tokenizer(name: str, constant: str = "MODEL"):
+    """The tokenizer of a hub id or local directory, or a UserError naming `constant`."""
+    from transformers import AutoTokenizer
+    check_model(name, constant)
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError, TypeError) as e:
+        files = model_files(name)
+        there = (f"; files there: {', '.join(sorted(p.name for p in files.iterdir()))[:200]}"
+                 if files else "")
+        raise UserError(f"cannot load a tokenizer from {constant}={name!r} "
+                        f"({type(e).__name__}: {' '.join(str(e).split())[:200]}){there}") from None
+
+
+def load_model(name: str, device: str, dtype: torch.dtype, constant: str = "MODEL"):
     """Load a causal LM in eval mode on `device`; spread over GPUs when it does not fit one."""
     from transformers import AutoModelForCausalLM
-    config = load_config(name, trust_remote_code)
+    config = load_config(name, constant)
     placement = {"device_map": device}
     if device == "cuda" and torch.cuda.device_count() > 1:
         need = param_count(shape_of(config), config)["total"] * torch.finfo(dtype).bits // 8
         if need > 0.8 * torch.cuda.mem_get_info(0)[0]:
             placement = {"device_map": "auto"}
-            print(f"model needs {need / 2**30:.1f} GiB, more than one GPU holds: device_map=auto")
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype,
-                                                 trust_remote_code=trust_remote_code, **placement)
+            print0(f"model needs {need / 2**30:.1f} GiB, more than one GPU holds: device_map=auto")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **placement)
+    except OSError as e:
+        raise UserError(f"cannot load the weights of {constant}={name!r}: "
+                        f"{' '.join(str(e).split())[:300]}") from None
     return model.eval()
 
 
 def input_device(model) -> torch.device:
     """Where input ids must go (the embedding's device, also under device_map='auto')."""
     return model.get_input_embeddings().weight.device
+
+
+# ----------------------------------------------------------------------------------------------
+# Model identity by content: config and weight files, not the path they happen to be at
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+_SAMPLES, _BLOCK = 32, 1 << 16  # blocks of each weight file hashed: 2 MiB read per file
+
+
+def _check_safetensors(path: Path, size: int):
+    """A safetensors file whose header or length is wrong (truncated, corrupt): a UserError."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        try:
+            header = json.loads(f.read(n)) if 0 < n < size else None
+        except (ValueError, UnicodeDecodeError):
+            header = None
+    if not isinstance(header, dict):
+        raise UserError(f"{path} is not a readable safetensors file (corrupt header); "
+                        f"re-save or re-download the model")
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end != size:
+        raise UserError(f"{path} is truncated or corrupt ({size} bytes, its header says "
+                        f"{8 + n + end}); re-save or re-download the model")
+
+
+def fingerprint(name: str, constant: str = "MODEL") -> str:
+    """A cheap content hash of a model: config.json, and each weight file's name, size and
+    `_SAMPLES` evenly spaced blocks. The same model moved or copied keeps it; other weights saved
+    at the same path change it. Also checks that safetensors files are complete. A hub id that is
+    not cached locally hashes as its name."""
+    root = model_files(name)
+    if root is None:
+        return f"hub:{name}"
+    h = hashlib.sha256((root / "config.json").read_bytes())
+    for path in sorted(p for p in root.iterdir() if p.name.endswith(WEIGHT_SUFFIXES)):
+        size = path.stat().st_size
+        if path.suffix == ".safetensors":
+            _check_safetensors(path, size)
+        h.update(f"{path.name}:{size}".encode())
+        with open(path, "rb") as f:
+            for k in range(_SAMPLES):
+                f.seek(k * max(size - _BLOCK, 0) // max(_SAMPLES - 1, 1))
+                h.update(f.read(_BLOCK))
+    return "sha256:" + h.hexdigest()[:32]
+
+
+# ----------------------------------------------------------------------------------------------
+# Outputs that never destroy a user's data
+
+RECORD = "pare.json"  # the human-readable record next to the weights (prune.py, distill.py)
+
+
+def _relation(out: Path, other: Path) -> str | None:
+    """How resolved path `out` sits relative to resolved `other`: the same, inside, above."""
+    if out == other:
+        return "the same path as"
+    if other in out.parents:
+        return "inside"
+    if out in other.parents:
+        return "a parent of"
+    return None
+
+
+def check_output(path: str, constant: str, inputs: dict, is_previous) -> Path:
+    """`path` (the value of `constant`) is safe to write, or a UserError before any work.
+
+    Safe: new, or an empty directory, or a previous output of the same script (`is_previous(p)`
+    says so from its record); never a symbolic link, a file system root, or the same as, inside
+    or above any input in `inputs` ({constant: path}; names that are not local paths, such as hub
+    ids, are skipped), and its nearest existing parent must be a writable directory.
+    """
+    if not isinstance(path, str) or not path.strip():
+        raise UserError(f"{constant}={path!r} must be a path")
+    p = Path(path).expanduser()
+    if p.is_symlink():
+        raise UserError(f"{constant}={path!r} is a symbolic link; give the path it points to, "
+                        f"or a new one")
+    target = p.resolve()
+    if target == Path(target.anchor) or target == Path.home():
+        raise UserError(f"{constant}={path!r} resolves to {target}: give a new directory")
+    for name, value in inputs.items():
+        if not value or not Path(str(value)).expanduser().exists():
+            continue
+        how = _relation(target, Path(str(value)).expanduser().resolve())
+        if how:
+            raise UserError(f"{constant}={path!r} is {how} {name}={value!r}; writing there "
+                            f"could destroy an input: choose another {constant}")
+    if p.exists():
+        empty = p.is_dir() and not any(p.iterdir())
+        if not empty and not is_previous(p):
+            raise UserError(f"{constant}={path!r} exists and is not a previous output of this "
+                            f"script (Pare only replaces its own outputs); choose a new path or "
+                            f"move it away yourself")
+    parent = target.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise UserError(f"{constant}={path!r} is not writable ({parent} is not a writable "
+                        f"directory)")
+    return p
+
+
+def is_record_of(path: Path, stage: str) -> bool:
+    """Whether directory `path` holds Pare's record of `stage` (a previous output of it)."""
+    try:
+        return json.loads((path / RECORD).read_text()).get("stage") == stage
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _disk_full(path: Path, e: BaseException) -> bool:
+    if getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e):
+        return True
+    try:
+        parent = next(p for p in (path, *path.parents) if p.exists())
+        usage = shutil.disk_usage(parent)
+        return usage.free < max(64 << 20, usage.total // 200)
+    except (StopIteration, OSError):
+        return False
+
+
+@contextlib.contextmanager
+def writing(path: Path):
+    """Turn a failed write of `path` into one UserError naming it (and a full disk when that is
+    the cause). torch reports write failures as RuntimeError, safetensors as SafetensorError."""
+    from safetensors import SafetensorError
+    try:
+        yield
+    except (OSError, RuntimeError, SafetensorError) as e:
+        text = " ".join(str(e).split())
+        if isinstance(e, RuntimeError) and not any(
+                s in text for s in ("inline_container", "file write failed", "PytorchStreamWriter",
+                                    "No space left", "errno")):
+            raise
+        why = ("the disk holding it is full" if _disk_full(Path(path), e)
+               else getattr(e, "strerror", None) or text[:200])
+        raise UserError(f"cannot write {path}: {why}") from None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def temp_sibling(path: Path, tag: str = "tmp") -> Path:
+    """A hidden sibling of `path` named after this process (`.NAME.tmp-PID`)."""
+    return path.with_name(f".{path.name}.{tag}-{os.getpid()}")
+
+
+def clean_stale(path: Path):
+    """Remove temporaries of `path` left by earlier runs that were killed (their process is gone)."""
+    for stale in path.parent.glob(f".{path.name}.*-*"):
+        tag, _, pid = stale.name.rpartition("-")
+        if tag.endswith((".tmp", ".old")) and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+
+
+def remove(path: Path):
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def write_atomic(path: Path, write, is_previous=lambda p: True):
+    """Write `path` (file or directory) through `write(tmp)`, then swap it in whole: a crash,
+    a full disk or Ctrl-C leaves the old `path` as it was and no temporary behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(path)
+    tmp, old = temp_sibling(path), temp_sibling(path, "old")
+    try:
+        with writing(path):
+            write(tmp)
+        if path.exists():
+            if not is_previous(path):  # checked before the work; checked again before replacing
+                raise UserError(f"{path} appeared while this run worked and is not Pare's output; "
+                                f"it is left alone")
+            os.replace(path, old)
+        os.replace(tmp, path)
+    finally:
+        remove(tmp)
+        remove(old)
+    return path
 
 
 # ----------------------------------------------------------------------------------------------
@@ -247,32 +575,48 @@ LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
 
 def _documents_from_file(path: Path):
     """Documents of a local file: .txt (blank-line separated), .jsonl or .parquet records."""
-    if path.suffix == ".txt":
-        text = path.read_text(encoding="utf-8")
-        return [d.strip() for d in text.split("\n\n") if d.strip()]
-    if path.suffix == ".jsonl":
+    where = f"DATASET={str(path)!r}"
+    if path.suffix in (".txt", ".jsonl"):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"{where} is not UTF-8 text (byte {e.start}); convert it to "
+                            f"UTF-8") from None
+        if path.suffix == ".txt":
+            return [d.strip() for d in text.split("\n\n") if d.strip()]
         records = []
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+        for i, line in enumerate(text.splitlines()):
             if line.strip():
                 try:
                     records.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    raise UserError(f"DATASET={str(path)!r}: line {i + 1} is not JSON ({e})") from None
+                    raise UserError(f"{where}: line {i + 1} is not JSON ({e})") from None
+                if not isinstance(records[-1], dict):
+                    raise UserError(f"{where}: line {i + 1} is not a JSON object")
         return records
+    import pyarrow as pa
     import pyarrow.parquet as pq
-    return pq.read_table(path).to_pylist()
+    try:
+        return pq.read_table(path).to_pylist()
+    except (pa.ArrowException, OSError) as e:
+        raise UserError(f"{where} is not a readable parquet file ({' '.join(str(e).split())[:200]})"
+                        ) from None
 
 
 def _documents_from_hub(name: str, seed: int, skip: int = 0):
     """Stream a hub dataset (never downloaded whole), shuffled deterministically by `seed`, from
     its `skip`-th document (the skipped ones are read, not rendered or tokenized)."""
     from datasets import load_dataset
+    offline = os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("0", "", "false", "False")
+    if not offline and not hub_reachable():
+        raise UserError(f"cannot load dataset DATASET={name!r}: the hub cannot be reached from "
+                        f"here; set DATASET to a local .txt, .jsonl or .parquet file")
     try:
         stream = load_dataset(name, split="train", streaming=True)
     except Exception as e:  # datasets raises many types (offline, missing, gated): all mean the same
         raise UserError(f"cannot load dataset DATASET={name!r} ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''}); offline, set DATASET to a "
-                        f"local .txt, .jsonl or .parquet file") from None
+                        f"{' '.join(str(e).split())[:200]}); offline, set DATASET to a local .txt, "
+                        f".jsonl or .parquet file") from None
     stream = stream.shuffle(seed=seed, buffer_size=10_000)
     return stream.skip(skip) if skip else stream
 
@@ -285,32 +629,26 @@ def render(doc, tokenizer) -> str:
         if not tokenizer.chat_template:
             raise UserError("DATASET has a 'messages' column but MODEL's tokenizer has no chat "
                             "template; use a dataset with a 'text' column")
+        if not isinstance(doc["messages"], list) or not doc["messages"]:
+            raise UserError(f"DATASET has a record whose 'messages' is {doc['messages']!r}, "
+                            f"not a list of turns")
         return tokenizer.apply_chat_template(doc["messages"], tokenize=False)
     if "text" in doc:
+        if not isinstance(doc["text"], str):
+            raise UserError(f"DATASET has a record whose 'text' is {doc['text']!r}, not a string")
         return doc["text"]
     raise UserError(f"DATASET records need a 'messages' or 'text' column, got {sorted(doc)}")
-
-
-def calibration_rows(dataset: str, tokenizer, num_rows: int, seq_len: int, seed: int,
-                     ) -> torch.Tensor:
-    """`num_rows` rows of exactly `seq_len` token ids, packed from documents, deterministic.
-
-    Each document is rendered, tokenized without added special tokens and followed by EOS;
-    documents are concatenated and cut into rows (packing measurably helps calibration,
-    Minitron P1). Local files are shuffled with `seed`; hub datasets are streamed and shuffled
-    in a buffer with `seed`. Returns fewer rows than asked when the data runs out (at least 1).
-    """
-    rows = list(itertools.islice(packed_rows(dataset, tokenizer, seq_len, seed), num_rows))
-    if not rows:
-        raise UserError(f"DATASET={dataset!r} yields fewer than one row of SEQ_LEN={seq_len} "
-                        f"tokens; use more data or a smaller SEQ_LEN")
-    return torch.stack(rows)
 
 
 def documents(dataset: str, seed: int, skip: int = 0):
     """The documents of DATASET: a local file shuffled with `seed`, or a hub dataset streamed;
     the first `skip` of them left out."""
+    if not isinstance(dataset, str) or not dataset:
+        raise UserError(f"DATASET={dataset!r} must name a local file or a hub dataset")
     path = Path(dataset)
+    if path.is_dir():
+        raise UserError(f"DATASET={dataset!r} is a directory; give a {', '.join(LOCAL_SUFFIXES)} "
+                        f"file or a hub dataset id")
     if path.suffix in LOCAL_SUFFIXES or path.exists():
         if not path.is_file():
             raise UserError(f"DATASET={dataset!r}: no such file")
@@ -323,8 +661,9 @@ def documents(dataset: str, seed: int, skip: int = 0):
 
 
 def packed_rows(dataset: str, tokenizer, seq_len: int, seed: int, position: dict | None = None):
-    """Yield rows of `seq_len` token ids one at a time, packed exactly like `calibration_rows`
-    (its first N rows are these first N rows), for data too large to hold in memory.
+    """Yield rows of `seq_len` token ids one at a time: each document rendered, tokenized
+    without added special tokens and followed by EOS, documents concatenated and cut into rows
+    (packing measurably helps calibration, Minitron P1).
 
     `position`, when given, is {"documents": n, "carry": [token ids]}: start after the first n
     documents with those tokens already in the packing buffer. It is updated in place before
@@ -351,6 +690,19 @@ def packed_rows(dataset: str, tokenizer, seq_len: int, seed: int, position: dict
         position["documents"] += 1
 
 
+def calibration_rows(dataset: str, tokenizer, num_rows: int, seq_len: int, seed: int,
+                     skip_rows: int = 0) -> torch.Tensor:
+    """`num_rows` rows of exactly `seq_len` token ids (`packed_rows` after its first `skip_rows`),
+    deterministic; fewer when the data runs out, but at least one."""
+    stream = packed_rows(dataset, tokenizer, seq_len, seed)
+    rows = list(itertools.islice(stream, skip_rows, skip_rows + num_rows))
+    if not rows:
+        after = f" after the first {skip_rows} rows" if skip_rows else ""
+        raise UserError(f"DATASET={dataset!r} yields fewer than one row of SEQ_LEN={seq_len} "
+                        f"tokens{after}; use more data or a smaller SEQ_LEN")
+    return torch.stack(rows)
+
+
 def batches(rows: torch.Tensor, batch_size: int):
     """Consecutive slices of `rows`, `batch_size` at a time (the last may be smaller)."""
     for i in range(0, len(rows), batch_size):
@@ -368,13 +720,19 @@ def final_hidden(model, ids: torch.Tensor) -> torch.Tensor:
 def lm_loss(model, ids: torch.Tensor, chunk_tokens: int = 4096) -> tuple[float, int]:
     """Summed next-token cross-entropy (float32) and token count for rows `ids`, chunked."""
     hidden = final_hidden(model, ids)[:, :-1].flatten(0, 1)
+    return hidden_loss(model, hidden, ids, chunk_tokens), hidden.shape[0]
+
+
+def hidden_loss(model, hidden: torch.Tensor, ids: torch.Tensor, chunk_tokens: int = 4096) -> float:
+    """Summed next-token cross-entropy of `model`'s lm_head on final hidden states `hidden`
+    ([B * (T - 1), H], the predictions for ids[:, 1:]), chunked."""
     labels = ids[:, 1:].flatten().to(hidden.device)
     total = 0.0
     for i in range(0, len(labels), chunk_tokens):
         logits = model.lm_head(hidden[i:i + chunk_tokens]).float()
         total += torch.nn.functional.cross_entropy(
             logits, labels[i:i + chunk_tokens], reduction="sum").item()
-    return total, len(labels)
+    return total
 
 
 @torch.no_grad()
@@ -409,16 +767,20 @@ def final_hiddens(model, rows: torch.Tensor, batch_size: int) -> list[torch.Tens
 
 @torch.no_grad()
 def evaluate(student, rows: torch.Tensor, batch_size: int, teacher=None,
-             chunk_tokens: int = 2048, teacher_hidden: list[torch.Tensor] | None = None) -> dict:
+             chunk_tokens: int = 2048, teacher_hidden: list[torch.Tensor] | None = None,
+             progress: str | None = None) -> dict:
     """Held-out metrics on `rows`: student (and teacher) perplexity, KL(teacher || student).
 
     Perplexity is exp(mean next-token NLL); KL is the mean over predicted tokens, temperature 1,
     in nats. Logits exist only `chunk_tokens` at a time, in float32. `teacher_hidden`, from
-    `final_hiddens(teacher, rows, batch_size)`, saves running the teacher again.
+    `final_hiddens(teacher, rows, batch_size)`, saves running the teacher again. `progress`:
+    the label of a progress bar over the batches (None: no bar).
     """
     nll_s = nll_t = kl = 0.0
     count = 0
-    for b, ids in enumerate(batches(rows, batch_size)):
+    n_batches = math.ceil(len(rows) / batch_size)
+    for b, ids in enumerate(tqdm(batches(rows, batch_size), total=n_batches, desc=progress,
+                                 disable=progress is None or not is_first_process(), leave=False)):
         hs = final_hidden(student, ids)[:, :-1].flatten(0, 1)
         ht = None
         if teacher is not None:
@@ -443,71 +805,66 @@ def evaluate(student, rows: torch.Tensor, batch_size: int, teacher=None,
 # ----------------------------------------------------------------------------------------------
 # Checkpoints: an ordinary Hugging Face directory plus Pare's record, written atomically
 
-RECORD = "pare.json"  # the human-readable record next to the weights (prune.py, distill.py)
+def legacy_rope(config) -> dict:
+    """`rope_theta` and a flat `rope_scaling` (of the full-attention layers), read the same way
+    by transformers 4.57 (which ignores the nested `rope_parameters` of 5.x) and >= 5.13."""
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    if "full_attention" in params:
+        params = dict(params["full_attention"])
+    if "rope_theta" not in params:
+        return {}
+    theta = params.pop("rope_theta")
+    scaling = params if params.get("rope_type", "default") != "default" else None
+    return {"rope_theta": theta, "rope_scaling": scaling}
 
 
-def write_checkpoint(model, source: str, out_dir: str, record: dict,
-                     trust_remote_code: bool = False, config_extra: dict | None = None) -> Path:
-    """Save `model` as an HF directory at `out_dir`, atomically, with Pare's record.
+def write_checkpoint(model, source: str, out_dir, record: dict, dtype: torch.dtype | None = None,
+                     ) -> Path:
+    """Save `model` as an HF directory at `out_dir`, atomically, with Pare's `record` (whose
+    "stage" says which script wrote it: only such a directory is ever replaced).
 
-    The tokenizer files (chat template included) and generation_config.json come from `source`
-    (hub id or directory). Everything is written to a temporary sibling directory that replaces
-    `out_dir` only once complete, so a crash never leaves a half-written model behind.
-    `config_extra`: keys merged into the saved config.json as written (e.g. legacy RoPE keys
-    that transformers' config setters would otherwise rewrite).
+    The config gets an explicit head_dim, the layer_types of its layers and the legacy RoPE keys
+    next to the nested 5.x ones (see `legacy_rope`); tokenizer files (chat template included) and
+    generation_config.json come from `source` (hub id or directory). Weights in `dtype` (None:
+    as they are).
     """
     from transformers import GenerationConfig
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
+    config = model.config
+    config.head_dim = head_dim(config)  # Olmo3Config has no such field: write it explicitly
+    tokenizer = load_tokenizer(source, "the tokenizer source")
+    if dtype is not None:
+        model.to(dtype)
+
+    def write(tmp: Path):
         model.save_pretrained(tmp)
-        if config_extra:
-            config_json = json.loads((tmp / "config.json").read_text())
-            config_json.update(config_extra)
-            (tmp / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")
-        load_tokenizer(source, trust_remote_code).save_pretrained(tmp)
+        config_json = json.loads((tmp / "config.json").read_text())
+        config_json.update(legacy_rope(config))  # after save: transformers' setters rewrite these
+        (tmp / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")
+        tokenizer.save_pretrained(tmp)
         try:
             GenerationConfig.from_pretrained(source).save_pretrained(tmp)
         except OSError:
-            print(f"warning: {source} has no generation_config.json; none written")
+            print0(f"warning: {source} has no generation_config.json; none written")
         (tmp / RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return out
+
+    return write_atomic(Path(out_dir), write, lambda p: is_record_of(p, record["stage"]))
 
 
-def read_record(model_dir: str) -> dict | None:
-    """Pare's record of a checkpoint directory, or None if it has none."""
+def read_record(model_dir: str, required: tuple = (), constant: str = "STUDENT") -> dict | None:
+    """Pare's record of a checkpoint directory (None if it has none); a UserError naming the file
+    when it is not JSON or lacks a `required` key."""
     path = Path(model_dir) / RECORD
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-# ----------------------------------------------------------------------------------------------
-# Paths and records
-
-def check_writable(path: str, name: str, is_dir: bool = False) -> Path:
-    """Fail before any work if `path` cannot be written (nearest existing parent not writable)."""
-    p = Path(path)
-    if p.exists() and p.is_dir() != is_dir:
-        raise UserError(f"{name}={path!r} is a {'file' if is_dir else 'directory'}; "
-                        f"expected a {'directory' if is_dir else 'file'} path")
-    parent = p.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise UserError(f"{name}={path!r} is not writable ({parent} is not a writable directory)")
-    return p
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except ValueError as e:
+        raise UserError(f"{path} ({constant}'s record) is not JSON: {e}") from None
+    missing = [k for k in required if k not in record]
+    if missing:
+        raise UserError(f"{path} ({constant}'s record) lacks {missing}; it was written by another "
+                        f"version of Pare: prune again")
+    return record
 
 
 def versions() -> dict:
@@ -519,3 +876,7 @@ def versions() -> dict:
         except PackageNotFoundError:
             out[pkg] = None
     return out
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")

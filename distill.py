@@ -1,75 +1,26 @@
 """Stage 3 of Pare: recover a pruned student by distilling the teacher's logits (Minitron).
 
     uv run distill.py                                       # out/pruned -> out/distilled
-    uv run distill.py STUDENT=out/pruned DATASET=notes.txt SEQ_LEN=256 MAX_STEPS=100
-    uv run accelerate launch --num_processes 8 distill.py    # several GPUs (DDP), same constants
-    uv run accelerate launch --num_processes 8 distill.py FSDP=True   # models too big for one GPU
-    uv run accelerate launch --multi_gpu --num_processes 2 distill.py DEVICE=cpu   # 2 CPU processes
+    uv run distill.py DATASET=notes.txt SEQ_LEN=256 GLOBAL_BATCH=8 MAX_STEPS=100
+    uv run accelerate launch --num_processes 8 distill.py    # 8 GPUs (DDP), same knobs
+    uv run accelerate launch --num_processes 8 distill.py FSDP=True   # both models sharded
 
-Any constant below can be overridden for one run as NAME=value (a Python literal, else a
-string). The run reads STUDENT (the directory prune.py wrote; its `pare.json` names the source
-model, which is the teacher unless TEACHER is set) and DATASET (hub dataset with a `messages`
-or `text` column, or a local .txt / .jsonl / .parquet file, packed to SEQ_LEN exactly as
-importance_analysis.py packs it). The teacher must share the student's tokenizer (vocabulary and
-special tokens); anything else is an error before training.
-
-Loss (Minitron P1 Tables 15-16: logits-only KLD beat every mix with CE): forward
-KL(teacher || student) per token at TEMPERATURE (scaled by T^2), the mean over all tokens of the
-global batch, plus CE_WEIGHT x next-token cross-entropy (0 by default). Logits exist only
-CHUNK_TOKENS tokens at a time, for both models, also during backward: the chunked loss computes
-its gradient as it goes (the student's logits are used once and freed), so memory does not grow
-with batch x sequence x vocabulary. When the student kept fewer than (1 - HIDDEN_LOSS_DEPTH_CUT)
-of the teacher's layers, a cosine loss between student and teacher hidden states (embedding
-output and HIDDEN_LOSS_LAYERS mapped layers, through one shared trainable linear map when the
-hidden sizes differ) is added, rescaled every step to the logit loss's magnitude.
-
-Optimisation: AdamW (beta2 0.95), linear warmup then cosine decay from LR to MIN_LR, gradient
-clipping, accumulation to GLOBAL_BATCH rows per step over all processes, bf16 autocast on GPU
-(master weights float32), optional activation checkpointing. Training stops with an error on a
-NaN or an exploding loss.
-
-Processes: GLOBAL_BATCH is split over the processes, each reading the same packed stream and
-taking its share; gradients are averaged over processes, so N processes follow the one-process
-loss trajectory within float tolerance. By default (DDP) every process holds the whole student
-and teacher. FSDP=True (or `accelerate launch --use_fsdp`) shards both over the processes with
-PyTorch FSDP2 (`fully_shard`, one group per decoder layer, bf16 compute with float32 master
-weights and gradient reduction on GPU): a process holds 1/N of each model's weights, the
-student's optimizer state and gradients, plus the layer being computed (gradients are
-reduce-scattered after every micro-batch, so none is ever held whole). The teacher's output
-layer is kept whole on every process (the chunked loss reads it directly). Only the first
-process reads the checkpoints, into CPU memory; the others build empty models and receive their
-shards from it. Before loading, the run prints what weights, gradients and optimizer state need
-per process (student: float32 AdamW, 16 bytes per parameter) and warns when that exceeds 90% of
-the GPU.
-
-Held-out: EVAL_SAMPLES rows (the first rows of DATASET, never trained on, or EVAL_DATASET) give
-KL(teacher || student) and student perplexity every EVAL_EVERY steps; the teacher's perplexity
-is printed once. Every LOG_EVERY steps one fixed-format line: loss, KL, CE, hidden loss, learning
-rate, gradient norm, tokens/s. At the end: tokens/s of the training steps, TFLOP/s per device
-(PaLM count: 3x the student's forward FLOPs plus 1x the teacher's), MFU when the device's peak is
-known (PEAK_TFLOPS), and peak memory.
-
-Checkpoints: every CHECKPOINT_EVERY steps to CHECKPOINT_DIR/step-NNNNNNN (model, optimizer,
-scheduler, data position, RNG; with FSDP as a torch.distributed.checkpoint directory that
-another number of processes can load, FSDP again), written atomically, the last
-KEEP_CHECKPOINTS kept. Running the same command again resumes from the latest one and continues
-with the same losses (bit-identical on CPU). The data position is saved as documents read plus
-the tokens carried into the next row, so resuming re-tokenizes nothing (the documents before
-that point are skipped: a local file by index, a hub stream read forward). STOP_AT_STEP ends a
-run early with a checkpoint (for time-limited jobs).
-
-Writes OUTPUT: an HF directory (weights in the student's stored dtype, tokenizer, chat template,
-generation config, explicit head_dim and layer_types) with prune.py's `pare.json` record
-extended by a "distill" entry (settings, steps, tokens seen, start and final metrics).
+Trains STUDENT (prune.py's output; its `pare.json` names the teacher unless TEACHER is set) on
+DATASET packed to SEQ_LEN, with forward KL(teacher || student) on the logits at temperature 1
+and no cross-entropy (P1 Tables 15-16), computed a chunk of tokens at a time so full-vocabulary
+logits never exist for the whole batch; plus a cosine loss on mapped hidden states when the
+depth cut is large. AdamW, warmup then cosine decay, GLOBAL_BATCH rows per step over all
+processes and accumulation. Checkpoints (also on the first Ctrl-C or SIGTERM) resume with the
+same losses when the same command runs again. Writes OUTPUT, an HF directory whose `pare.json`
+extends the student's with a "distill" entry.
 """
 
 import contextlib
-import io
 import json
 import math
-import os
+import pickle
 import resource
-import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -78,52 +29,51 @@ from tqdm import tqdm
 
 import common
 
-# ---- models ---------------------------------------------------------------------------------
+# ---- knobs: per run, `NAME=value` on the command line --------------------------------------
 STUDENT = "out/pruned"                 # directory prune.py wrote (its default OUTPUT)
-TEACHER = None                         # hub id or directory; None: the source in STUDENT's pare.json
-TRUST_REMOTE_CODE = False              # let transformers run code shipped with the models
-DTYPE = None                           # teacher dtype; None: bfloat16 on GPU, float32 on CPU
-DEVICE = None                          # 'cuda', 'cpu', ...; None: cuda when available
-FSDP = False                           # shard student and teacher over the processes (FSDP2)
-# ---- data -----------------------------------------------------------------------------------
+TEACHER: str | None = None             # hub id or directory; None: the source in STUDENT's pare.json
 DATASET = "allenai/Dolci-Instruct-SFT" # hub dataset (messages/text column) or local .txt/.jsonl/.parquet
-EVAL_DATASET = None                    # held-out data; None: the first EVAL_SAMPLES rows of DATASET
-EVAL_SAMPLES = 32                      # held-out rows; 0 disables evaluation
+EVAL_SAMPLES = 32                      # held-out rows (the first rows of DATASET, never trained on); 0: none
 SEQ_LEN = 4096                         # tokens per packed row
 BATCH_SIZE = 4                         # rows per forward/backward (micro-batch) on each process
 GLOBAL_BATCH = 256                     # rows per optimizer step, all processes and accumulation
-SEED = 0                               # data shuffling and the hidden-state map's init
-# ---- loss -----------------------------------------------------------------------------------
-TEMPERATURE = 1.0                      # softmax temperature of the KL term (Minitron: 1)
-KL_WEIGHT = 1.0                        # weight of KL(teacher || student); 0 with CE_WEIGHT=1: plain CE
-CE_WEIGHT = 0.0                        # weight of next-token cross-entropy (Minitron: none)
-CHUNK_TOKENS = 1024                    # tokens whose full-vocabulary logits exist at once
-HIDDEN_LOSS_DEPTH_CUT = 0.3            # add hidden-state losses when this share of layers was cut
-HIDDEN_LOSS_LAYERS = 4                 # student layers mapped to teacher layers (plus embeddings)
-# ---- optimisation ---------------------------------------------------------------------------
 LR = 1e-4                              # peak learning rate (Minitron: 1e-4)
-MIN_LR = 1e-5                          # floor of the cosine decay (Minitron: 1e-5)
-WARMUP_STEPS = 50                      # linear warmup steps (Minitron: 40-100)
-TOTAL_TOKENS = 2_500_000_000           # schedule length in tokens (Minitron: most recovery by 2.5B)
-MAX_STEPS = None                       # optimizer steps; None: TOTAL_TOKENS / tokens per step
-BETA2 = 0.95                           # AdamW second-moment decay (Minitron)
-WEIGHT_DECAY = 0.0                     # AdamW decoupled weight decay (none: stay near the teacher)
-GRAD_CLIP = 1.0                        # max global gradient norm (Minitron: 1.0)
+MAX_STEPS: int | None = None           # optimizer steps; None: _TOTAL_TOKENS / tokens per step
+DEVICE: str | None = None              # 'cuda', 'cpu'; None: cuda when available
+FSDP = False                           # shard student and teacher over the processes (FSDP2)
 GRADIENT_CHECKPOINTING = False         # recompute the student's activations in backward (saves memory)
-ABORT_LOSS_FACTOR = 10.0               # abort when the loss exceeds this x the run's first loss
-# ---- logging, checkpoints, output -----------------------------------------------------------
-LOG_EVERY = 1                          # steps between log lines
-PEAK_TFLOPS = None                     # device's dense bf16 peak for MFU; None: known GPUs only
-EVAL_EVERY = 200                       # steps between held-out evaluations (and at start and end)
-CHECKPOINT_EVERY = 500                 # steps between checkpoints; 0: none
-KEEP_CHECKPOINTS = 2                   # most recent checkpoints kept
-CHECKPOINT_DIR = None                  # None: OUTPUT + '-checkpoints'
-STOP_AT_STEP = None                    # stop after this step with a checkpoint; None: run to the end
-OUTPUT = "out/distilled"               # final HF directory
+OUTPUT = "out/distilled"               # final HF directory; checkpoints go to OUTPUT-checkpoints
 
-# Constants that may change between a run and its resumption (they do not affect the losses).
-_RESUMABLE = {"LOG_EVERY", "EVAL_EVERY", "CHECKPOINT_EVERY", "KEEP_CHECKPOINTS", "STOP_AT_STEP",
-              "OUTPUT", "CHECKPOINT_DIR", "DEVICE", "FSDP"}  # FSDP: checked as the checkpoint's format
+# ---- recipe: edit here to experiment, not per run (recorded in progress.json and pare.json) --
+# Minitron P1 (arXiv 2407.14679) sec. 4 and P2 (arXiv 2408.11796).
+_TOTAL_TOKENS = 2_500_000_000          # default schedule length (P2: most recovery by ~2.5B tokens)
+_MIN_LR = 1e-5                         # floor of the cosine decay (Minitron: 1e-4 -> 1e-5)
+_WARMUP_STEPS = 50                     # linear warmup (Minitron: 40-100), at most a tenth of the run
+_BETA2 = 0.95                          # AdamW second-moment decay (Minitron)
+_WEIGHT_DECAY = 0.0                    # AdamW decoupled weight decay (none: stay near the teacher)
+_GRAD_CLIP = 1.0                       # max global gradient norm (Minitron: 1.0)
+_TEMPERATURE = 1.0                     # softmax temperature of the KL term (Minitron: 1)
+_KL_WEIGHT = 1.0                       # logits-only KLD beat CE+KLD (P1 Table 15); bench/ sets
+_CE_WEIGHT = 0.0                       # _KL_WEIGHT=0, _CE_WEIGHT=1 for a plain fine-tuning baseline
+_HIDDEN_LOSS_DEPTH_CUT = 0.3           # add the hidden-state loss when this share of layers was cut
+_HIDDEN_LOSS_LAYERS = 4                # student layers mapped to teacher layers (plus embeddings)
+_ABORT_LOSS_FACTOR = 10.0              # stop when the loss exceeds this x the run's first loss
+_CHUNK_TOKENS = 1024                   # tokens whose full-vocabulary logits exist at once
+_EVAL_DATASET = None                   # held-out data from elsewhere; None: the first rows of DATASET
+_EVAL_EVERY = 200                      # steps between held-out evaluations (and at start and end)
+_LOG_EVERY = 1                         # steps between log lines
+_CHECKPOINT_EVERY = 500                # steps between checkpoints; 0: only at a stop
+_KEEP_CHECKPOINTS = 2                  # most recent checkpoints kept
+_STOP_AT_STEP = None                   # stop after this step with a checkpoint (a time-limited job)
+_PEAK_TFLOPS = None                    # dense bf16 peak per device for MFU; None: known GPUs only
+_DTYPE = None                          # teacher dtype; None: bfloat16 on GPU, float32 on CPU
+_SEED = 0                              # data shuffling and the hidden-state map's init
+
+# Settings that may change between a run and its resumption (they do not change the losses).
+RESUMABLE = {"OUTPUT", "DEVICE", "FSDP", "_EVAL_EVERY", "_LOG_EVERY", "_CHECKPOINT_EVERY",
+             "_KEEP_CHECKPOINTS", "_STOP_AT_STEP", "_PEAK_TFLOPS"}  # FSDP: checked as the format
+PROGRESS_KEYS = ("format", "step", "tokens", "world", "fsdp", "data", "ref_loss", "start",
+                 "settings", "student", "teacher", "scheduler")
 
 
 # ---- the loss -------------------------------------------------------------------------------
@@ -315,20 +265,18 @@ def forward_flops_per_token(config, seq_len: int, lm_head: bool = True) -> int:
     return 2 * n + attn
 
 
-# Dense bf16 tensor-core peaks per device (NVIDIA datasheets: A100 312 TFLOP/s, H100/H200 SXM
-# 989); the PCIe and NVL boards of H100/H200 are slower and left to PEAK_TFLOPS.
-KNOWN_PEAK_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0}
-
-
 def peak_tflops(device: str, override: float | None) -> float | None:
-    """PEAK_TFLOPS, else the datasheet peak of a known GPU, else None (MFU not shown)."""
+    """`override` (_PEAK_TFLOPS), else the datasheet peak of a known GPU, else None (no MFU)."""
     if override:
         return float(override)
+    # dense bf16 tensor-core peaks (NVIDIA datasheets: A100 312 TFLOP/s, H100/H200 SXM 989);
+    # the PCIe and NVL boards of H100/H200 are slower and left to _PEAK_TFLOPS
+    known = {"A100": 312.0, "H100": 989.0, "H200": 989.0}
     if device.startswith("cuda"):
         name = torch.cuda.get_device_name()
         if "A100" not in name and ("PCIe" in name or "NVL" in name):
             return None
-        return next((v for k, v in KNOWN_PEAK_TFLOPS.items() if k in name), None)
+        return next((v for k, v in known.items() if k in name), None)
     return None
 
 
@@ -371,13 +319,63 @@ def tokenizer_mismatch(a, b) -> str | None:
     return None
 
 
+def check_knobs(cfg):
+    """Cheap checks on the knobs and recipe constants alone."""
+    common.at_least(cfg, 1, "BATCH_SIZE", "GLOBAL_BATCH")
+    common.at_least(cfg, 0, "EVAL_SAMPLES")
+    common.at_least(cfg, 2, "SEQ_LEN")  # one next-token prediction per row at least
+    if cfg.LR < 0 or _MIN_LR > cfg.LR:
+        raise common.UserError(f"LR={cfg.LR} must be positive and at least _MIN_LR={_MIN_LR}")
+    if cfg.MAX_STEPS is not None and cfg.MAX_STEPS < 1:
+        raise common.UserError(f"MAX_STEPS must be a positive integer or None, got {cfg.MAX_STEPS}")
+    if _KL_WEIGHT == 0 and _CE_WEIGHT == 0:
+        raise common.UserError("_KL_WEIGHT and _CE_WEIGHT are both 0 in distill.py: nothing to train")
+    if _TEMPERATURE <= 0 or _CHUNK_TOKENS < 1 or _KEEP_CHECKPOINTS < 1:
+        raise common.UserError("distill.py's _TEMPERATURE, _CHUNK_TOKENS and _KEEP_CHECKPOINTS "
+                               "must be positive")
+    if _STOP_AT_STEP is not None and _STOP_AT_STEP < 1:
+        raise common.UserError(f"_STOP_AT_STEP={_STOP_AT_STEP} must be a positive step or None")
+
+
+def resolve_models(cfg) -> dict:
+    """Student record, teacher, configs, tokenizer and fingerprints, checked to belong together."""
+    if not Path(cfg.STUDENT).is_dir():
+        raise common.UserError(f"STUDENT={cfg.STUDENT!r} is not a directory; run prune.py first "
+                               f"or set STUDENT to the pruned model's directory")
+    s_conf = common.load_config(cfg.STUDENT, "STUDENT")
+    # a student from elsewhere may have no record (then TEACHER names the teacher); prune.py's
+    # record must hold what distill reads: the teacher, and the kept layers and channels
+    record = common.read_record(cfg.STUDENT, ("stage", "source_model", "source_shape", "kept")) or {}
+    teacher, constant = cfg.TEACHER, "TEACHER"
+    if teacher is None:
+        if "source_model" not in record:
+            raise common.UserError(f"STUDENT={cfg.STUDENT!r} has no {common.RECORD} naming its "
+                                   f"source model; set TEACHER")
+        teacher = record["source_model"]
+        constant = f"the teacher (source_model in {Path(cfg.STUDENT) / common.RECORD})"
+    try:
+        t_conf = common.load_config(teacher, constant)
+    except common.UserError as e:
+        raise common.UserError(f"cannot load the teacher: {e}") from None
+    common.family_of(s_conf, "STUDENT"), common.family_of(t_conf, constant)
+    tokenizer = common.load_tokenizer(cfg.STUDENT, "STUDENT")
+    why = tokenizer_mismatch(tokenizer, common.load_tokenizer(teacher, constant))
+    if why is None and s_conf.vocab_size != t_conf.vocab_size:
+        why = f"vocab_size differs ({s_conf.vocab_size} vs {t_conf.vocab_size})"
+    if why:
+        raise common.UserError(f"student {cfg.STUDENT!r} and teacher {teacher!r} do not share a "
+                               f"tokenizer: {why}; the KL needs the same token ids")
+    return {"record": record, "teacher": teacher, "s_conf": s_conf, "t_conf": t_conf,
+            "tokenizer": tokenizer, "student_id": common.fingerprint(cfg.STUDENT, "STUDENT"),
+            "teacher_id": common.fingerprint(teacher, constant)}
+
+
 def start_position() -> dict:
     """Where `row_stream` begins: epoch 0, no rows, documents or carried tokens yet."""
     return {"epoch": 0, "row": 0, "documents": 0, "carry": []}
 
 
-def row_stream(dataset: str, tokenizer, seq_len: int, seed: int, held_out: int, position: dict,
-               say=print):
+def row_stream(dataset: str, tokenizer, seq_len: int, seed: int, held_out: int, position: dict):
     """Training rows forever: DATASET's packed rows after the first `held_out`, in the same order
     again when the data runs out. Begins at `position` and keeps it up to date in place (epoch,
     rows of this epoch, and packed_rows' documents read and carried tokens), so a copy saved
@@ -390,9 +388,9 @@ def row_stream(dataset: str, tokenizer, seq_len: int, seed: int, held_out: int, 
         if position["row"] <= held_out:
             raise common.UserError(f"DATASET={dataset!r} has no rows of SEQ_LEN={seq_len} tokens "
                                    f"left after the {held_out} held-out rows; use more data, "
-                                   f"a smaller SEQ_LEN or EVAL_DATASET")
-        say(f"data: DATASET has {position['row'] - held_out} training rows of {seq_len} tokens; "
-            f"repeating it (epoch {position['epoch'] + 2})")
+                                   f"a smaller SEQ_LEN or fewer EVAL_SAMPLES")
+        common.print0(f"data: DATASET has {position['row'] - held_out} training rows of "
+                      f"{seq_len} tokens; repeating it (epoch {position['epoch'] + 2})")
         position.update(start_position(), epoch=position["epoch"] + 1)
 
 
@@ -403,6 +401,20 @@ def local_batch(stream, global_batch: int, rank: int, world: int) -> torch.Tenso
     return rows[rank * share:(rank + 1) * share]
 
 
+def schedule(cfg, world: int) -> dict:
+    """Derived sizes: micro-batches per step, tokens per step, steps, warmup, where to stop."""
+    if cfg.GLOBAL_BATCH % (cfg.BATCH_SIZE * world):
+        raise common.UserError(f"GLOBAL_BATCH={cfg.GLOBAL_BATCH} is not a multiple of BATCH_SIZE="
+                               f"{cfg.BATCH_SIZE} x {world} processes")
+    tokens = cfg.GLOBAL_BATCH * cfg.SEQ_LEN
+    steps = cfg.MAX_STEPS or max(1, _TOTAL_TOKENS // tokens)
+    return {"accum": cfg.GLOBAL_BATCH // (cfg.BATCH_SIZE * world), "tokens_per_step": tokens,
+            "max_steps": steps, "stop": min(steps, _STOP_AT_STEP or steps),
+            "warmup": min(_WARMUP_STEPS, steps // 10)}  # warmup past a tenth of a run wastes it
+
+
+# ---- checkpoints: plain tensors (torch.load weights_only=True) and JSON, no pickled code ----
+
 def checkpoints(root: Path) -> list[Path]:
     """Complete checkpoint directories under `root`, oldest first."""
     if not root.is_dir():
@@ -410,15 +422,197 @@ def checkpoints(root: Path) -> list[Path]:
     return sorted(p for p in root.glob("step-*") if (p / "progress.json").is_file())
 
 
-# ---- sharding (FSDP2) -----------------------------------------------------------------------
+def is_checkpoint_root(path: Path) -> bool:
+    return common.is_record_of(path, "distill-checkpoints")
 
-def empty_model(config, dtype: torch.dtype, trust_remote_code: bool = False):
+
+def read_progress(path: Path) -> dict:
+    """progress.json of checkpoint `path` (the one reader of write_progress's file)."""
+    try:
+        progress = json.loads((path / "progress.json").read_text())
+    except ValueError as e:
+        raise common.UserError(f"{path / 'progress.json'} is not JSON ({e}); delete {path}") from None
+    if progress.get("format") != 2:  # 2: tensors and JSON only (1 was accelerate's pickles)
+        raise common.UserError(f"{path} was written by an older version of distill.py; delete "
+                               f"{path.parent} to start again")
+    missing = [k for k in PROGRESS_KEYS if k not in progress]
+    if missing:
+        raise common.UserError(f"{path / 'progress.json'} lacks {missing}; delete {path.parent}")
+    return progress
+
+
+def write_progress(path: Path, **fields):
+    """progress.json: where training stands and what it belongs to (see PROGRESS_KEYS)."""
+    assert set(fields) == set(PROGRESS_KEYS) - {"format"}, sorted(fields)
+    (path / "progress.json").write_text(json.dumps({"format": 2, **fields}, indent=2, default=str))
+
+
+def check_resumable(progress: dict, path: Path, settings: dict, ids: dict, shard: bool,
+                    world: int):
+    """Refuse to resume from checkpoint `path` when the losses would not continue: other
+    settings, another student or teacher (by content), the other checkpoint format."""
+    saved = progress["settings"]
+    changed = {k: (saved.get(k), v) for k, v in settings.items()
+               if k not in RESUMABLE and saved.get(k) != v}
+    if changed:
+        raise common.UserError(f"{path} was written with other settings {changed} "
+                               f"(saved, now); restore them or delete {path.parent}")
+    for who in ("student", "teacher"):
+        if progress[who] != ids[who]:
+            raise common.UserError(f"{path} belongs to another {who} (fingerprint "
+                                   f"{progress[who]}, now {ids[who]}: the {who} was replaced "
+                                   f"since); delete {path.parent} to start again")
+    if bool(progress["fsdp"]) != shard:
+        raise common.UserError(f"{path} was written with FSDP={progress['fsdp']} (sharded "
+                               f"checkpoint or not); resume with the same FSDP, or delete "
+                               f"{path.parent}")
+    if progress["world"] != world:
+        common.print0(f"warning: checkpoint written by {progress['world']} processes, resuming on "
+                      f"{world}: same data order, losses equal only within float tolerance")
+
+
+def rng_state() -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict):
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_state(path: Path, model, optimizer, rank: int):
+    """Weights and optimizer state of an unsharded run (the first process) and every process's
+    RNG, as plain tensor files."""
+    if rank == 0:
+        torch.save(model.state_dict(), path / "model.pt")
+        torch.save(optimizer.state_dict(), path / "optimizer.pt")
+    torch.save(rng_state(), path / f"rng-{rank}.pt")
+
+
+def load_state(path: Path, model, optimizer, rank: int, device: str):
+    """Inverse of save_state; nothing is unpickled beyond tensors and plain containers."""
+    load = lambda name: torch.load(path / name, map_location=device, weights_only=True)  # noqa: E731
+    model.load_state_dict(load("model.pt"))
+    optimizer.load_state_dict(load("optimizer.pt"))
+    rng = path / f"rng-{rank}.pt"
+    set_rng_state(torch.load(rng if rng.exists() else path / "rng-0.pt", weights_only=True))
+
+
+class SafeUnpickler(pickle.Unpickler):
+    """Unpickles torch.distributed.checkpoint's `.metadata` (which DCP reads with plain pickle)
+    allowing only its own metadata classes, torch sizes and dtypes: nothing that runs code."""
+    ALLOWED = {("torch.distributed.checkpoint.metadata", n) for n in (
+        "Metadata", "TensorStorageMetadata", "TensorProperties", "ChunkStorageMetadata",
+        "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")} | {
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+        ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "Path")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED or (
+                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in checkpoint metadata")
+
+
+def safe_reader(path: Path):
+    """A DCP FileSystemReader whose metadata goes through SafeUnpickler."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class Reader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            try:
+                with open(path / ".metadata", "rb") as f:
+                    metadata = SafeUnpickler(f).load()
+            except (pickle.UnpicklingError, OSError, EOFError) as e:
+                raise common.UserError(f"{path}/.metadata is not a Pare checkpoint's ({e}); "
+                                       f"delete {path.parent}") from None
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return Reader(str(path))
+
+
+def save_sharded(path: Path, model, optimizer, rank: int):
+    """Model and optimizer tensors as a torch.distributed.checkpoint (each process writes its
+    shards; another number of processes can load it), the optimizer's hyperparameters as JSON
+    and every process's RNG. Only tensors go to DCP: it would pickle anything else."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    msd, osd = get_state_dict(model, optimizer)
+    dcp.save({"model": msd, "optim": osd["state"]}, checkpoint_id=str(path))
+    if rank == 0:
+        (path / "param_groups.json").write_text(json.dumps(osd["param_groups"]))
+    torch.save(rng_state(), path / f"rng-{rank}.pt")
+
+
+def load_sharded(path: Path, model, optimizer, rank: int):
+    """Inverse of save_sharded."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    msd, osd = get_state_dict(model, optimizer)  # initialises the optimizer state to load into
+    state = {"model": msd, "optim": osd["state"]}
+    dcp.load(state, storage_reader=safe_reader(path))
+    groups = json.loads((path / "param_groups.json").read_text())
+    set_state_dict(model, optimizer, model_state_dict=state["model"],
+                   optim_state_dict={"state": state["optim"], "param_groups": groups})
+    rng = path / f"rng-{rank}.pt"
+    set_rng_state(torch.load(rng if rng.exists() else path / "rng-0.pt", weights_only=True))
+
+
+def save_checkpoint(root: Path, step: int, model, optimizer, acc, shard: bool, progress: dict
+                    ) -> Path:
+    """Checkpoint `step` under `root`, written to a temporary directory and renamed when
+    complete (a killed run leaves only a temporary that the next run removes); the oldest beyond
+    _KEEP_CHECKPOINTS are deleted. Every process must call it."""
+    tmp, final = root / f".step-{step:07d}.tmp", root / f"step-{step:07d}"
+    rank = acc.process_index
+    if rank == 0:
+        mark_checkpoint_root(root, progress["settings"]["OUTPUT"])
+        common.remove(tmp)
+        tmp.mkdir(parents=True)
+    acc.wait_for_everyone()
+    with common.writing(tmp):
+        if shard:
+            save_sharded(tmp, model, optimizer, rank)
+        else:
+            save_state(tmp, acc.unwrap_model(model), optimizer, rank)
+        acc.wait_for_everyone()
+        if rank == 0:
+            write_progress(tmp, **progress)
+            common.remove(final)
+            tmp.rename(final)
+            for old in checkpoints(root)[:-_KEEP_CHECKPOINTS]:
+                common.remove(old)
+    acc.wait_for_everyone()
+    return final
+
+
+def mark_checkpoint_root(root: Path, output: str):
+    """Create `root` with a record saying it is distill.py's checkpoint directory (so that a
+    later run may write into it) and drop the temporaries of killed runs."""
+    if not is_checkpoint_root(root):
+        with common.writing(root):
+            root.mkdir(parents=True, exist_ok=True)
+            (root / common.RECORD).write_text(json.dumps(
+                {"stage": "distill-checkpoints", "output": output, "created": common.now()}) + "\n")
+    for tmp in root.glob(".step-*.tmp"):
+        common.remove(tmp)
+
+
+# ---- sharding (FSDP2) -----------------------------------------------------------------------
+def empty_model(config, dtype: torch.dtype):
     """The architecture of `config` without weights (meta device), for a process that will
     receive its shards from the first process instead of reading the checkpoint itself."""
     from transformers import AutoModelForCausalLM
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype,
-                                                 trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model.eval()
 
 
@@ -470,36 +664,7 @@ def local_share(module) -> tuple[int, int]:
     return mine, total
 
 
-def save_sharded(path: Path, model, optimizer, scheduler, rank: int) -> None:
-    """Model and optimizer as a torch.distributed.checkpoint (each process writes its shards),
-    scheduler and this process's RNG next to it."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-    msd, osd = get_state_dict(model, optimizer)
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(path))
-    torch.save({"scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
-               path / f"extra-{rank}.pt")
-
-
-def load_sharded(path: Path, model, optimizer, scheduler, rank: int) -> None:
-    """Inverse of save_sharded; the checkpoint may come from another number of processes."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-    msd, osd = get_state_dict(model, optimizer)
-    state = {"model": msd, "optim": osd}
-    dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=state["model"],
-                   optim_state_dict=state["optim"])
-    extra = path / f"extra-{rank}.pt"
-    extra = torch.load(extra if extra.exists() else path / "extra-0.pt", weights_only=True)
-    scheduler.load_state_dict(extra["scheduler"])
-    torch.set_rng_state(extra["rng"])
-    if extra["cuda_rng"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(extra["cuda_rng"])
-
-
-def full_student(model, student_dir: str, trust_remote_code: bool):
+def full_student(model, student_dir: str):
     """The sharded student gathered into an ordinary model on the first process (None on the
     others); every process must call it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -507,33 +672,71 @@ def full_student(model, student_dir: str, trust_remote_code: bool):
                                                                cpu_offload=True))
     if not sd:
         return None
-    student = common.load_model(student_dir, "cpu", torch.float32, trust_remote_code)
+    student = common.load_model(student_dir, "cpu", torch.float32, "STUDENT")
     student.load_state_dict({k.removeprefix("student."): v for k, v in sd.items()
                              if k.startswith("student.")})
     return student
 
 
-# ---- main -----------------------------------------------------------------------------------
 
-def check_resumable(progress: dict, path: Path, cfg, shard: bool, world: int, say=print) -> None:
-    """Refuse to resume from the checkpoint at `path` (its progress.json: `progress`) when the
-    losses would not continue: other settings, the other checkpoint format, no data position."""
-    changed = {k: (progress["config"].get(k), v) for k, v in vars(cfg).items()
-               if k not in _RESUMABLE and progress["config"].get(k) != v}
-    if changed:
-        raise common.UserError(f"{path} was written with other settings {changed} "
-                               f"(saved, now); restore them or delete {path.parent}")
-    was_sharded = bool(progress.get("fsdp", progress["config"].get("FSDP")))
-    if was_sharded != shard:
-        raise common.UserError(f"{path} was written with FSDP={was_sharded} (sharded checkpoint "
-                               f"or not); resume with the same FSDP and launch, or delete "
-                               f"{path.parent}")
-    if "data" not in progress:
-        raise common.UserError(f"{path} has no data position (written by an older version); "
-                               f"delete {path.parent} to start again")
-    if progress["world"] != world:
-        say(f"warning: checkpoint written by {progress['world']} processes, resuming on "
-            f"{world}: same data order, losses equal only within float tolerance")
+
+# ---- the run --------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def stop_requests():
+    """Ctrl-C or SIGTERM: the first asks the training loop to stop after the current step (it
+    writes a checkpoint); the second stops at once. Yields a dict whose "stop" turns True."""
+    flag = {"stop": False}
+
+    def handler(signum, frame):
+        if flag["stop"]:
+            raise common.Interrupted("stopped at once; the last complete checkpoint, if any, is "
+                                     "kept: run the same command again to resume from it")
+        flag["stop"] = True
+        common.print0(f"\n{signal.Signals(signum).name}: stopping after this step with a "
+                      f"checkpoint (once more: stop at once)")
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def warn_small_run_traps(cfg, plan: dict, device: str):
+    """Settings that run but are almost certainly not what was meant."""
+    if plan["warmup"] < _WARMUP_STEPS:
+        common.print0(f"schedule: warmup {plan['warmup']} steps (_WARMUP_STEPS={_WARMUP_STEPS} "
+                      f"capped at a tenth of the {plan['max_steps']} steps)")
+    if device == "cpu" and plan["tokens_per_step"] > 64 * 1024:
+        common.print0(f"warning: {plan['tokens_per_step']:,} tokens per optimizer step "
+                      f"(GLOBAL_BATCH={cfg.GLOBAL_BATCH} x SEQ_LEN={cfg.SEQ_LEN}) on a CPU: at a "
+                      f"few hundred tokens/s each step takes hours; for a trial run lower both")
+
+
+def held_out_rows(cfg, tokenizer) -> tuple[torch.Tensor, int]:
+    """(EVAL_SAMPLES held-out rows, how many rows of DATASET they take away from training)."""
+    if not cfg.EVAL_SAMPLES:
+        return torch.empty(0, cfg.SEQ_LEN, dtype=torch.long), 0
+    rows = common.calibration_rows(_EVAL_DATASET or cfg.DATASET, tokenizer, cfg.EVAL_SAMPLES,
+                                   cfg.SEQ_LEN, _SEED)
+    return rows, 0 if _EVAL_DATASET else len(rows)
+
+
+def print_memory(s_conf, t_conf, dtype: torch.dtype, shards: int, device: str):
+    """What weights, gradients and optimizer state need per process, before anything loads."""
+    need = state_gib(s_conf, t_conf, dtype, shards)
+    total = sum(need.values())
+    common.print0(f"memory: about {total:.1f} GiB per process before activations (student "
+                  f"weights, gradients and AdamW state {need['student']:.1f} GiB, teacher "
+                  f"{need['teacher']:.1f} GiB{f', sharded over {shards} processes' if shards > 1 else ''})")
+    if device.startswith("cuda"):
+        have = torch.cuda.get_device_properties(device).total_memory / 2**30
+        if total > 0.9 * have:
+            hint = "" if shards > 1 else ": shard both models with FSDP=True over several GPUs"
+            common.print0(f"warning: that is more than 90% of this GPU's {have:.0f} GiB; expect "
+                          f"out-of-memory{hint}")
 
 
 def load_pair(cfg, teacher_name: str, configs: tuple, dtype: torch.dtype, device: str,
@@ -543,12 +746,11 @@ def load_pair(cfg, teacher_name: str, configs: tuple, dtype: torch.dtype, device
     cuts it); the other processes get empty models of `configs` (student's, teacher's) and
     receive their shards later."""
     if shard and rank > 0:
-        student = empty_model(configs[0], torch.float32, cfg.TRUST_REMOTE_CODE)
-        teacher = empty_model(configs[1], dtype, cfg.TRUST_REMOTE_CODE)
+        student, teacher = empty_model(configs[0], torch.float32), empty_model(configs[1], dtype)
     else:
         where = "cpu" if shard else device
-        student = common.load_model(cfg.STUDENT, where, torch.float32, cfg.TRUST_REMOTE_CODE)
-        teacher = common.load_model(teacher_name, where, dtype, cfg.TRUST_REMOTE_CODE)
+        student = common.load_model(cfg.STUDENT, where, torch.float32, "STUDENT")
+        teacher = common.load_model(teacher_name, where, dtype, "TEACHER")
     teacher.requires_grad_(False)
     if cfg.GRADIENT_CHECKPOINTING:
         kwargs = {"use_reentrant": False}
@@ -560,335 +762,303 @@ def load_pair(cfg, teacher_name: str, configs: tuple, dtype: torch.dtype, device
     return student, teacher
 
 
-def validate(cfg):
-    """Cheap checks on the constants alone."""
-    for name in ("SEQ_LEN", "BATCH_SIZE", "GLOBAL_BATCH", "CHUNK_TOKENS", "LOG_EVERY",
-                 "EVAL_EVERY", "KEEP_CHECKPOINTS"):
-        if getattr(cfg, name) < 1:
-            raise common.UserError(f"{name} must be at least 1, got {getattr(cfg, name)}")
-    for name in ("EVAL_SAMPLES", "CHECKPOINT_EVERY", "WARMUP_STEPS", "HIDDEN_LOSS_LAYERS",
-                 "KL_WEIGHT", "CE_WEIGHT", "LR", "MIN_LR"):
-        if getattr(cfg, name) < 0:
-            raise common.UserError(f"{name} must be 0 or more, got {getattr(cfg, name)}")
-    if cfg.SEQ_LEN < 2:
-        raise common.UserError("SEQ_LEN must be at least 2 (one next-token prediction)")
-    if cfg.KL_WEIGHT == 0 and cfg.CE_WEIGHT == 0:
-        raise common.UserError("KL_WEIGHT and CE_WEIGHT are both 0: nothing to train")
-    if cfg.TEMPERATURE <= 0:
-        raise common.UserError(f"TEMPERATURE must be positive, got {cfg.TEMPERATURE}")
-    if cfg.MIN_LR > cfg.LR:
-        raise common.UserError(f"MIN_LR={cfg.MIN_LR} is above LR={cfg.LR}")
-    if cfg.MAX_STEPS is not None and (not isinstance(cfg.MAX_STEPS, int) or cfg.MAX_STEPS < 1):
-        raise common.UserError(f"MAX_STEPS must be a positive integer or None, got {cfg.MAX_STEPS!r}")
-    if cfg.STOP_AT_STEP is not None and (not isinstance(cfg.STOP_AT_STEP, int) or cfg.STOP_AT_STEP < 1):
-        raise common.UserError("STOP_AT_STEP must be a positive integer or None")
-
-
-def resolve_models(cfg):
-    """Student record, teacher name, configs and tokenizers, checked to be compatible."""
-    if not Path(cfg.STUDENT).is_dir():
-        raise common.UserError(f"STUDENT={cfg.STUDENT!r} is not a directory; run prune.py first "
-                               f"or set STUDENT to the pruned model's directory")
-    record = common.read_record(cfg.STUDENT)
-    teacher = cfg.TEACHER or (record or {}).get("source_model")
-    if teacher is None:
-        raise common.UserError(f"STUDENT={cfg.STUDENT!r} has no {common.RECORD} naming its source "
-                               f"model; set TEACHER")
-    s_conf = common.load_config(cfg.STUDENT, cfg.TRUST_REMOTE_CODE)
-    try:
-        t_conf = common.load_config(teacher, cfg.TRUST_REMOTE_CODE)
-    except common.UserError as e:
-        raise common.UserError(f"cannot load the teacher TEACHER={teacher!r}: {e}") from None
-    common.family_of(s_conf), common.family_of(t_conf)
-    s_tok = common.load_tokenizer(cfg.STUDENT, cfg.TRUST_REMOTE_CODE)
-    t_tok = common.load_tokenizer(teacher, cfg.TRUST_REMOTE_CODE)
-    why = tokenizer_mismatch(s_tok, t_tok)
-    if why is None and s_conf.vocab_size != t_conf.vocab_size:
-        why = f"vocab_size differs ({s_conf.vocab_size} vs {t_conf.vocab_size})"
-    if why:
-        raise common.UserError(f"student {cfg.STUDENT!r} and teacher {teacher!r} do not share a "
-                               f"tokenizer: {why}; the KL needs the same token ids")
-    return record or {}, teacher, s_conf, t_conf, s_tok
-
-
-def main(argv: list[str]) -> dict:
-    quiet = int(os.environ.get("RANK", "0")) > 0  # launched processes other than the first
-    with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
-        cfg = common.configure(globals(), argv)
-    validate(cfg)
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedType, set_seed
-    from transformers import get_cosine_with_min_lr_schedule_with_warmup
-
-    out_dir = common.check_writable(cfg.OUTPUT, "OUTPUT", is_dir=True)
-    ckpt_root = common.check_writable(cfg.CHECKPOINT_DIR or f"{cfg.OUTPUT}-checkpoints",
-                                      "CHECKPOINT_DIR", is_dir=True)
-    record, teacher_name, s_conf, t_conf, tokenizer = resolve_models(cfg)
-
-    device = common.pick_device(cfg.DEVICE)
-    acc = Accelerator(cpu=device == "cpu", mixed_precision="bf16" if device.startswith("cuda") else "no")
-    world, rank, main_proc = acc.num_processes, acc.process_index, acc.is_main_process
-    say = print if main_proc else (lambda *a, **k: None)
-    shard = cfg.FSDP or acc.distributed_type == DistributedType.FSDP
-    if shard and world < 2:
-        raise common.UserError("FSDP=True shards the models over several processes; start them "
-                               "with `accelerate launch --num_processes N distill.py FSDP=True`")
-    if cfg.GLOBAL_BATCH % (cfg.BATCH_SIZE * world):
-        raise common.UserError(f"GLOBAL_BATCH={cfg.GLOBAL_BATCH} is not a multiple of BATCH_SIZE="
-                               f"{cfg.BATCH_SIZE} x {world} processes")
-    accum = cfg.GLOBAL_BATCH // (cfg.BATCH_SIZE * world)
-    tokens_per_step = cfg.GLOBAL_BATCH * cfg.SEQ_LEN
-    max_steps = cfg.MAX_STEPS or max(1, cfg.TOTAL_TOKENS // tokens_per_step)
-    stop = min(max_steps, cfg.STOP_AT_STEP or max_steps)
-
-    # data first: empty or too-short data fails before any model is loaded
-    held = cfg.EVAL_SAMPLES if cfg.EVAL_DATASET is None else 0
-    eval_rows = torch.empty(0, cfg.SEQ_LEN, dtype=torch.long)
-    if cfg.EVAL_SAMPLES:
-        eval_rows = common.calibration_rows(cfg.EVAL_DATASET or cfg.DATASET, tokenizer,
-                                            cfg.EVAL_SAMPLES, cfg.SEQ_LEN, cfg.SEED)
-        if cfg.EVAL_DATASET is None:
-            held = len(eval_rows)
-    saved = checkpoints(ckpt_root)
-    progress = json.loads((saved[-1] / "progress.json").read_text()) if saved else None
-    if progress:
-        check_resumable(progress, saved[-1], cfg, shard, world, say)
-    start_step = progress["step"] if progress else 0
-    position = progress["data"] if progress else start_position()
-    stream = row_stream(cfg.DATASET, tokenizer, cfg.SEQ_LEN, cfg.SEED, held, position, say)
-    first = local_batch(stream, cfg.GLOBAL_BATCH, rank, world) if start_step < stop else None
-
-    dtype = common.pick_dtype(cfg.DTYPE, device)
-    dev = str(acc.device)
-    need = state_gib(s_conf, t_conf, dtype, world if shard else 1)
-    total = sum(need.values())
-    say(f"memory: about {total:.1f} GiB per process before activations (student weights, "
-        f"gradients and AdamW state {need['student']:.1f} GiB, teacher {need['teacher']:.1f} GiB"
-        f"{', sharded over ' + str(world) + ' processes' if shard else ''})")
-    if device.startswith("cuda"):
-        have = torch.cuda.get_device_properties(acc.device).total_memory / 2**30
-        if total > 0.9 * have:
-            say(f"warning: that is more than 90% of this GPU's {have:.0f} GiB; expect out-of-memory"
-                f"{'' if shard else ': shard both models with FSDP=True over several GPUs'}")
-    t0 = time.time()
-    set_seed(cfg.SEED)
-    student, teacher = load_pair(cfg, teacher_name, (s_conf, t_conf), dtype, dev, shard, rank)
+def build_distiller(student, teacher, record: dict, same_source: bool, dev: str, shard: bool,
+                    world: int, rank: int, bf16: bool) -> tuple:
+    """(Distiller: the student plus the hidden-state map, sharded under FSDP; the hidden-state
+    pairs, empty unless the depth cut reaches _HIDDEN_LOSS_DEPTH_CUT)."""
+    s_conf, t_conf = student.config, teacher.config
     n_s, n_t = s_conf.num_hidden_layers, t_conf.num_hidden_layers
-    kept = (record.get("kept") or {}).get("layers") or list(range(n_s))
-    n_source = (record.get("source_shape") or {}).get("num_hidden_layers", n_t)
-    pairs = []
-    if use_hidden_loss(n_s, n_t, cfg.HIDDEN_LOSS_DEPTH_CUT):
+    pairs, kept_hidden = [], None
+    if use_hidden_loss(n_s, n_t, _HIDDEN_LOSS_DEPTH_CUT):
+        kept = record["kept"]["layers"] if record else list(range(n_s))
         if len(kept) != n_s:
-            raise common.UserError(f"{common.RECORD} lists {len(kept)} kept layers but STUDENT has {n_s}")
-        pairs = hidden_pairs(kept, n_source, n_t, cfg.HIDDEN_LOSS_LAYERS)
-    same_source = teacher_name == record.get("source_model")
-    kept_hidden = (record.get("kept") or {}).get("hidden") if same_source else None
-    proj = make_proj(s_conf.hidden_size, t_conf.hidden_size, kept_hidden if pairs else None)
-    settings = {"temperature": cfg.TEMPERATURE, "kl_w": cfg.KL_WEIGHT, "ce_w": cfg.CE_WEIGHT,
-                "chunk": cfg.CHUNK_TOKENS}
+            raise common.UserError(f"{common.RECORD} lists {len(kept)} kept layers but STUDENT "
+                                   f"has {n_s}")
+        n_source = record["source_shape"]["num_hidden_layers"] if record else n_t
+        pairs = hidden_pairs(kept, n_source, n_t, _HIDDEN_LOSS_LAYERS)
+        kept_hidden = record["kept"]["hidden"] if record and same_source else None
+    proj = make_proj(s_conf.hidden_size, t_conf.hidden_size, kept_hidden) if pairs else None
+    settings = {"temperature": _TEMPERATURE, "kl_w": _KL_WEIGHT, "ce_w": _CE_WEIGHT,
+                "chunk": _CHUNK_TOKENS}
     model = Distiller(student, proj.to(student.device) if pairs else torch.nn.Identity(), pairs,
                       settings)
     if shard:
         full = (model.state_dict(), teacher.state_dict()) if rank == 0 else ({}, {})
-        shard_models(model, teacher, dev, world, bf16=device.startswith("cuda"))
+        shard_models(model, teacher, dev, world, bf16)
         if rank == 0:  # the others' lm_head is still empty: broadcast_weights places it
             teacher.lm_head.to(dev)
         broadcast_weights(model, full[0], dev, rank)
         broadcast_weights(teacher, full[1], dev, rank)
-        del full
         (s_mine, s_all), (t_mine, t_all) = local_share(model), local_share(teacher.model)
-        say(f"fsdp: {world} processes; this one holds {s_mine:,} of {s_all:,} student parameters "
-            f"and {t_mine:,} of {t_all:,} teacher decoder parameters")
-    say(f"models: student {s_conf.architectures} {n_s} layers, teacher {teacher_name} {n_t} layers, "
-        f"on {dev} ({world} process{'es' if world > 1 else ''}), loaded in {time.time() - t0:.1f}s")
-    say(f"hidden_loss: {'on, (student, teacher) hidden states ' + str(pairs) if pairs else 'off'} "
-        f"(depth cut {1 - n_s / n_t:.0%}, threshold {cfg.HIDDEN_LOSS_DEPTH_CUT:.0%})")
-    say(f"batch: {cfg.GLOBAL_BATCH} rows x {cfg.SEQ_LEN} tokens = {tokens_per_step} tokens/step "
-        f"= {world} processes x {accum} micro-batches x {cfg.BATCH_SIZE} rows; {max_steps} steps "
-        f"= {max_steps * tokens_per_step / 1e6:.2f}M tokens")
-    need_teacher = cfg.KL_WEIGHT > 0 or bool(pairs)
-    # the teacher runs only for the KL or the hidden-state loss, its lm_head only for the KL
-    t_flops = (forward_flops_per_token(t_conf, cfg.SEQ_LEN, lm_head=cfg.KL_WEIGHT > 0)
-               if need_teacher else 0)
-    flops_token = 3 * forward_flops_per_token(s_conf, cfg.SEQ_LEN) + t_flops
-    peak = peak_tflops(device, cfg.PEAK_TFLOPS)
-    peak_s = f"{peak:g} TFLOP/s per device" if peak else "no known peak (set PEAK_TFLOPS)"
-    say(f"flops: {flops_token / 1e9:.3f} GFLOP per token (student forward+backward 3x"
-        f"{', teacher forward 1x' if need_teacher else ', no teacher'}); MFU against {peak_s}")
+        common.print0(f"fsdp: {world} processes; this one holds {s_mine:,} of {s_all:,} student "
+                      f"parameters and {t_mine:,} of {t_all:,} teacher decoder parameters")
+    common.print0(f"hidden_loss: {'on, (student, teacher) hidden states ' + str(pairs) if pairs else 'off'} "
+                  f"(depth cut {1 - n_s / n_t:.0%}, threshold {_HIDDEN_LOSS_DEPTH_CUT:.0%})")
+    return model, pairs
 
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.LR,
-                                  betas=(0.9, cfg.BETA2), weight_decay=cfg.WEIGHT_DECAY)
+
+def make_optimizer(model, lr: float, plan: dict):
+    """AdamW (beta2 _BETA2) and warmup then cosine decay from `lr` to _MIN_LR."""
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
+                                  betas=(0.9, _BETA2), weight_decay=_WEIGHT_DECAY)
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(
-        optimizer, cfg.WARMUP_STEPS, max_steps, min_lr_rate=cfg.MIN_LR / cfg.LR if cfg.LR else 0.0)
+        optimizer, plan["warmup"], plan["max_steps"], min_lr_rate=_MIN_LR / lr if lr else 0.0)
+    return optimizer, scheduler
+
+
+def train_step(model, teacher, rows: torch.Tensor, plan: dict, pairs: list, acc, shard: bool,
+               dev: str) -> dict:
+    """One optimizer step's forward and backward over this process's `rows` in micro-batches
+    (gradients clipped, not yet applied): the mean loss, KL, CE, hidden loss and gradient norm
+    over all processes."""
+    micro = rows.view(plan["accum"], -1, rows.shape[-1]).to(dev)
+    need_teacher = _KL_WEIGHT > 0 or bool(pairs)
+    total = torch.zeros(4, dtype=torch.float64, device=dev)  # loss, kl, ce, hid
+    for k, ids in enumerate(micro):
+        t_last, t_states = None, {}
+        if need_teacher:
+            with torch.no_grad(), acc.autocast(), hidden_states(teacher, [j for _, j in pairs]) as t_states:
+                t_last = teacher.model(input_ids=ids, use_cache=False).last_hidden_state
+        # FSDP reduce-scatters every micro-batch's gradients: skipping that would keep whole
+        # float32 gradients on every process until the last one
+        sync = acc.no_sync(model) if k < len(micro) - 1 and not shard else contextlib.nullcontext()
+        with sync:
+            loss, stats, hid, n_tok = model(ids, t_last, t_states, teacher.lm_head.weight)
+            acc.backward(loss / len(micro))
+        total += torch.stack([loss.detach().double(), stats[0] / n_tok, stats[1] / n_tok,
+                              hid.double()]) / len(micro)
+    if shard:
+        grad = torch.nn.utils.clip_grad_norm_(model.parameters(), _GRAD_CLIP)
+        grad = grad.full_tensor() if hasattr(grad, "full_tensor") else grad
+    else:
+        grad = acc.clip_grad_norm_(model.parameters(), _GRAD_CLIP)
+    loss, kl, ce, hid = acc.reduce(total, "mean").tolist()
+    return {"loss": loss, "kl": kl, "ce": ce, "hid": hid, "grad": float(grad)}
+
+
+def check_loss(m: dict, step: int, ref_loss: float, root: Path):
+    """Stop on a NaN or an exploding loss (the checkpoints before it are kept)."""
+    if not (math.isfinite(m["loss"]) and math.isfinite(m["grad"])):
+        raise common.UserError(f"loss is {m['loss']}, gradient norm {m['grad']} at step {step}: "
+                               f"training diverged; lower LR or check the data (checkpoints: {root})")
+    if m["loss"] > _ABORT_LOSS_FACTOR * max(ref_loss, 1e-2):
+        raise common.UserError(f"loss exploded at step {step}: {m['loss']:.4f} > "
+                               f"{_ABORT_LOSS_FACTOR} x the first step's {ref_loss:.4f}; lower LR "
+                               f"(checkpoints: {root})")
+
+
+def log_line(step: int, plan: dict, m: dict, lr: float, dt: float, pairs: list) -> str:
+    kl = f"{m['kl']:.4f}" if _KL_WEIGHT else "-"  # not computed
+    hid = f"{m['hid']:.4f}" if pairs else "-"
+    return (f"step {step:>6}/{plan['max_steps']} | loss {m['loss']:.4f} | kl {kl} | "
+            f"ce {m['ce']:.4f} | hid {hid} | lr {lr:.2e} | grad {m['grad']:.3f} | "
+            f"{plan['tokens_per_step'] / dt:,.0f} tok/s | {dt:.2f}s")
+
+
+def held_out(inner, rows: torch.Tensor, teacher, acc, batch_size: int) -> dict:
+    """Held-out KL and perplexity of the student (every process under FSDP, else the first)."""
+    if not len(rows):
+        return {}
+    inner.student.eval()
+    with acc.autocast():
+        m = inner.held_out(rows.to(acc.device), batch_size, teacher, _CHUNK_TOKENS)
+    inner.student.train()
+    return m
+
+
+def write_output(model, inner, cfg, m: dict, summary: dict, pairs: list, shard: bool, world: int,
+                 out_dir: Path):
+    """The final HF directory (first process), its pare.json extending the student's."""
+    student = full_student(model, cfg.STUDENT) if shard else (
+        inner.student if common.is_first_process() else None)
+    if student is None:
+        return
+    record = dict(m["record"]) if m["record"] else {"source_model": m["teacher"]}
+    record.update(stage="distill", versions=common.versions(), distill={
+        "config": vars(cfg), "recipe": common.recipe(globals()), "student": cfg.STUDENT,
+        "student_fingerprint": m["student_id"], "teacher": m["teacher"],
+        "teacher_fingerprint": m["teacher_id"], "steps": summary["steps"],
+        "tokens_seen": summary["tokens"], "processes": world, "fsdp": shard,
+        "throughput": {k: summary[k] for k in ("tokens_per_s", "tflops_per_device", "mfu",
+                                               "peak_memory_gib")},
+        "hidden_loss_pairs": pairs, "metrics": {"start": summary["start"], "final": summary["final"]},
+        "created": common.now()})
+    common.write_checkpoint(student, cfg.STUDENT, out_dir, record,
+                            dtype=common.stored_dtype(m["s_conf"]))
+
+
+def print_summary(s: dict, mem_kind: str):
+    common.print0(f"steps: {s['steps']}/{s['max_steps']}")
+    common.print0(f"tokens: {s['tokens']}")
+    common.print0(f"tokens_per_s: {s['tokens_per_s']:.1f}")  # training steps, all processes
+    common.print0(f"tflops_per_device: {s['tflops_per_device']:.4g}")
+    if s["mfu"] is not None:
+        common.print0(f"mfu: {s['mfu']:.3f}")
+    common.print0(f"peak_memory_gib: {s['peak_memory_gib']:.2f} ({mem_kind}, first process)")
+    if s["losses"]:
+        common.print0(f"loss_first: {s['losses'][0]:.4f}")
+        common.print0(f"loss_last: {s['losses'][-1]:.4f}")
+    for name in ("start", "final"):
+        if s[name]:
+            common.print0(f"{name}_kl: {s[name]['kl']:.4f}")
+            common.print0(f"{name}_ppl: {s[name]['student_ppl']:.3f}")
+    if s["start"]:
+        common.print0(f"teacher_ppl: {s['start']['teacher_ppl']:.3f}")
+    common.print0(f"output: {s['output'] or 'none (stopped early; rerun to resume)'}")
+
+
+def start_processes(cfg, device: str):
+    """The Accelerator and how this run is spread: (acc, world, rank, shard)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+    acc = Accelerator(cpu=device == "cpu",
+                      mixed_precision="bf16" if device.startswith("cuda") else "no")
+    if acc.distributed_type == DistributedType.FSDP:
+        raise common.UserError("distill.py shards with FSDP=True (FSDP2, tested), not with "
+                               "accelerate's FSDP plugin: launch without --use_fsdp and set "
+                               "FSDP=True")
+    world, rank = acc.num_processes, acc.process_index
+    if cfg.FSDP and world < 2:
+        raise common.UserError("FSDP=True shards the models over several processes; start them "
+                               "with `accelerate launch --num_processes N distill.py FSDP=True`")
+    return acc, world, rank, cfg.FSDP
+
+
+def main(argv: list[str]) -> dict:
+    cfg = common.configure(globals(), argv)
+    check_knobs(cfg)
+    m = resolve_models(cfg)
+    inputs = {"STUDENT": cfg.STUDENT, "TEACHER": m["teacher"], "DATASET": cfg.DATASET,
+              "_EVAL_DATASET": _EVAL_DATASET}
+    out_dir = common.check_output(cfg.OUTPUT, "OUTPUT", inputs,
+                                  lambda p: common.is_record_of(p, "distill"))
+    root = common.check_output(f"{cfg.OUTPUT.rstrip('/')}-checkpoints", "OUTPUT's checkpoint "
+                               "directory", inputs, is_checkpoint_root)
+    device = common.pick_device(cfg.DEVICE)
+    acc, world, rank, shard = start_processes(cfg, device)
+    plan = schedule(cfg, world)
+    warn_small_run_traps(cfg, plan, device)
+    eval_rows, held = held_out_rows(cfg, m["tokenizer"])  # data fails before any model loads
+    saved = checkpoints(root)
+    progress = read_progress(saved[-1]) if saved else None
+    settings = {**vars(cfg), **common.recipe(globals())}
+    if progress:
+        check_resumable(progress, saved[-1], settings, {"student": m["student_id"],
+                                                        "teacher": m["teacher_id"]}, shard, world)
+    position = progress["data"] if progress else start_position()
+    stream = row_stream(cfg.DATASET, m["tokenizer"], cfg.SEQ_LEN, _SEED, held, position)
+    step = progress["step"] if progress else 0
+    first = local_batch(stream, cfg.GLOBAL_BATCH, rank, world) if step < plan["stop"] else None
+
+    dtype = common.pick_dtype(_DTYPE, device)
+    print_memory(m["s_conf"], m["t_conf"], dtype, world if shard else 1, device)
+    from accelerate.utils import set_seed
+    set_seed(_SEED)
+    t0 = time.time()
+    student, teacher = load_pair(cfg, m["teacher"], (m["s_conf"], m["t_conf"]), dtype,
+                                 str(acc.device), shard, rank)
+    model, pairs = build_distiller(student, teacher, m["record"],
+                                   m["teacher"] == m["record"].get("source_model"),
+                                   str(acc.device), shard, world, rank, device.startswith("cuda"))
+    optimizer, scheduler = make_optimizer(model, cfg.LR, plan)
     if not shard:
         model, optimizer = acc.prepare(model, optimizer)
-        acc.register_for_checkpointing(scheduler)  # stepped by hand: once per optimizer step
     if progress:
-        if shard:
-            load_sharded(saved[-1], model, optimizer, scheduler, rank)
-        else:
-            acc.load_state(str(saved[-1]))
-        say(f"resume: {saved[-1]} (step {start_step}, {progress['tokens']} tokens seen)")
+        (load_sharded(saved[-1], model, optimizer, rank) if shard else
+         load_state(saved[-1], acc.unwrap_model(model), optimizer, rank, str(acc.device)))
+        scheduler.load_state_dict(progress["scheduler"])
+        common.print0(f"resume: {saved[-1]} (step {step}, {progress['tokens']} tokens seen)")
+    common.print0(f"models: student {m['s_conf'].architectures} {m['s_conf'].num_hidden_layers} "
+                  f"layers, teacher {m['teacher']} {m['t_conf'].num_hidden_layers} layers, on "
+                  f"{acc.device} ({world} process{'es' if world > 1 else ''}), loaded in "
+                  f"{time.time() - t0:.1f}s")
+    common.print0(f"batch: {cfg.GLOBAL_BATCH} rows x {cfg.SEQ_LEN} tokens = "
+                  f"{plan['tokens_per_step']} tokens/step = {world} processes x {plan['accum']} "
+                  f"micro-batches x {cfg.BATCH_SIZE} rows; {plan['max_steps']} steps = "
+                  f"{plan['max_steps'] * plan['tokens_per_step'] / 1e6:.2f}M tokens")
+    summary = train(cfg, model, teacher, optimizer, scheduler, acc, stream, first, eval_rows,
+                    plan, pairs, shard, world, rank, root, progress, position, m, settings)
+    if summary["finished"]:
+        write_output(model, acc.unwrap_model(model) if not shard else model, cfg, m, summary,
+                     pairs, shard, world, out_dir)
+        summary["output"] = str(out_dir)
+    acc.wait_for_everyone()
+    print_summary(summary, "cuda allocated" if device.startswith("cuda") else "process RSS")
+    return summary
+
+
+def train(cfg, model, teacher, optimizer, scheduler, acc, stream, first, eval_rows, plan: dict,
+          pairs: list, shard: bool, world: int, rank: int, root: Path, progress: dict | None,
+          position: dict, m: dict, settings: dict) -> dict:
+    """The training loop from the checkpoint `progress` (None: the start) to plan["stop"]:
+    steps, log lines, held-out evaluations, checkpoints, and a checkpoint then a stop on the
+    first Ctrl-C or SIGTERM. Returns the run summary."""
+    dev = str(acc.device)
     inner = model if shard else acc.unwrap_model(model)
-
-    def evaluate():
-        if not len(eval_rows):
-            return {}
-        inner.student.eval()
-        with acc.autocast():
-            m = inner.held_out(eval_rows.to(dev), cfg.BATCH_SIZE, teacher, cfg.CHUNK_TOKENS)
-        inner.student.train()
-        return m
-
-    def save_checkpoint(step, tokens):
-        tmp = ckpt_root / f".step-{step:07d}.tmp"
-        if main_proc and tmp.exists():
-            shutil.rmtree(tmp)
-        acc.wait_for_everyone()
-        if shard:
-            save_sharded(tmp, model, optimizer, scheduler, rank)
-        else:
-            acc.save_state(str(tmp))
-        acc.wait_for_everyone()
-        if main_proc:
-            (tmp / "progress.json").write_text(json.dumps(
-                {"step": step, "tokens": tokens, "rows": step * cfg.GLOBAL_BATCH, "world": world,
-                 "data": position, "fsdp": shard,
-                 "ref_loss": ref_loss, "start": start_metrics, "config": vars(cfg)},
-                indent=2, default=str))
-            final = ckpt_root / f"step-{step:07d}"
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            for old in checkpoints(ckpt_root)[:-cfg.KEEP_CHECKPOINTS]:
-                shutil.rmtree(old)
-        acc.wait_for_everyone()
-
+    evaluating = common.is_first_process() or shard  # under FSDP every process takes part
+    step, tokens = (progress["step"], progress["tokens"]) if progress else (0, 0)
     ref_loss = progress["ref_loss"] if progress else None
-    start_metrics = progress["start"] if progress else {}
-    tokens = progress["tokens"] if progress else 0
-    if not progress and (main_proc or shard):  # under FSDP every process takes part
-        start_metrics = evaluate()
-        if start_metrics:
-            say(f"teacher: held-out ppl {start_metrics['teacher_ppl']:.3f} on "
-                f"{start_metrics['tokens']} tokens (reference)")
-            say(f"eval step {0:>6} | kl {start_metrics['kl']:.4f} | ppl {start_metrics['student_ppl']:.3f}")
+    start = progress["start"] if progress else {}
+    if not progress and evaluating:
+        start = held_out(inner, eval_rows, teacher, acc, cfg.BATCH_SIZE)
+        if start:
+            common.print0(f"teacher: held-out ppl {start['teacher_ppl']:.3f} on {start['tokens']} "
+                          f"tokens (reference)")
+            common.print0(f"eval step {0:>6} | kl {start['kl']:.4f} | ppl {start['student_ppl']:.3f}")
+    peak = peak_tflops(dev, _PEAK_TFLOPS)
+    t_flops = (forward_flops_per_token(teacher.config, cfg.SEQ_LEN, lm_head=_KL_WEIGHT > 0)
+               if _KL_WEIGHT > 0 or pairs else 0)
+    flops_token = 3 * forward_flops_per_token(inner.student.config, cfg.SEQ_LEN) + t_flops
+    common.print0(f"flops: {flops_token / 1e9:.3f} GFLOP per token (student forward+backward 3x"
+                  f"{', teacher forward 1x' if t_flops else ', no teacher'}); MFU against "
+                  f"{f'{peak:g} TFLOP/s per device' if peak else 'no known peak (_PEAK_TFLOPS)'}")
 
-    losses, metrics = [], start_metrics
-    bar = tqdm(total=stop, initial=start_step, desc="distill", disable=not main_proc)
-    t_train, tok_run = 0.0, 0  # time and tokens of the training steps alone (no eval, no saving)
-    step = start_step
-    while step < stop:
-        t_step = time.time()
-        rows = first if first is not None else local_batch(stream, cfg.GLOBAL_BATCH, rank, world)
-        first = None
-        micro = rows.view(accum, cfg.BATCH_SIZE, cfg.SEQ_LEN).to(dev)
-        total = torch.zeros(4, dtype=torch.float64, device=dev)  # loss, kl_sum, ce_sum, hid
-        for k in range(accum):
-            ids = micro[k]
-            t_last, t_states = None, {}
-            if need_teacher:
-                with (torch.no_grad(), acc.autocast(),
-                      hidden_states(teacher, [j for _, j in pairs]) as t_states):
-                    t_last = teacher.model(input_ids=ids, use_cache=False).last_hidden_state
-            # FSDP reduce-scatters every micro-batch's gradients: skipping that would keep
-            # whole float32 gradients on every process until the last one
-            sync = (acc.no_sync(model) if k < accum - 1 and not shard
-                    else contextlib.nullcontext())
-            with sync:
-                loss, stats, hid, n_tok = model(ids, t_last, t_states, teacher.lm_head.weight)
-                acc.backward(loss / accum)
-            total += torch.stack([loss.detach().double(), stats[0] / n_tok, stats[1] / n_tok,
-                                  hid.double()]) / accum
-        if shard:
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.GRAD_CLIP)
-            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        else:
-            grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.GRAD_CLIP)
-        total = acc.reduce(total, "mean")
-        loss_v, kl_v, ce_v, hid_v = total.tolist()
-        gn = float(grad_norm)
-        if not (math.isfinite(loss_v) and math.isfinite(gn)):
-            raise common.UserError(f"loss is {loss_v}, gradient norm {gn} at step {step + 1}: "
-                                   f"training diverged; lower LR or check the data "
-                                   f"(checkpoints: {ckpt_root})")
-        ref_loss = loss_v if ref_loss is None else ref_loss
-        if loss_v > cfg.ABORT_LOSS_FACTOR * max(ref_loss, 1e-2):
-            raise common.UserError(f"loss exploded at step {step + 1}: {loss_v:.4f} > "
-                                   f"{cfg.ABORT_LOSS_FACTOR} x the first step's {ref_loss:.4f}; "
-                                   f"lower LR (checkpoints: {ckpt_root})")
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        tokens += tokens_per_step
-        tok_run += tokens_per_step
-        dt = time.time() - t_step
-        t_train += dt
-        losses.append(loss_v)
-        bar.update(1)
-        if main_proc and (step % cfg.LOG_EVERY == 0 or step == stop):
-            kl_s = f"{kl_v:.4f}" if need_teacher and cfg.KL_WEIGHT else "-"  # not computed
-            hid_s = f"{hid_v:.4f}" if pairs else "-"
-            bar.write(f"step {step:>6}/{max_steps} | loss {loss_v:.4f} | kl {kl_s} | "
-                      f"ce {ce_v:.4f} | hid {hid_s} | lr {lr:.2e} | grad {gn:.3f} | "
-                      f"{tokens_per_step / dt:,.0f} tok/s | {dt:.2f}s")
-        if eval_rows.numel() and (step % cfg.EVAL_EVERY == 0 or step == stop) and (main_proc or shard):
-            metrics = evaluate()
-            if main_proc:
-                bar.write(f"eval step {step:>6} | kl {metrics['kl']:.4f} | "
-                          f"ppl {metrics['student_ppl']:.3f}")
-        acc.wait_for_everyone()
-        if cfg.CHECKPOINT_EVERY and (step % cfg.CHECKPOINT_EVERY == 0 or step == stop < max_steps):
-            save_checkpoint(step, tokens)
+    losses, metrics, t_train, tok_run = [], start, 0.0, 0
+    bar = tqdm(total=plan["stop"], initial=step, desc="distill", disable=not common.is_first_process())
+    with stop_requests() as request:
+        while step < plan["stop"]:
+            t0 = time.time()
+            rows = first if first is not None else local_batch(stream, cfg.GLOBAL_BATCH, rank, world)
+            first = None
+            s = train_step(model, teacher, rows, plan, pairs, acc, shard, dev)
+            ref_loss = s["loss"] if ref_loss is None else ref_loss
+            check_loss(s, step + 1, ref_loss, root)
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step, tokens = step + 1, tokens + plan["tokens_per_step"]
+            dt = time.time() - t0
+            t_train, tok_run = t_train + dt, tok_run + plan["tokens_per_step"]
+            losses.append(s["loss"])
+            bar.update(1)
+            if step % _LOG_EVERY == 0 or step == plan["stop"]:
+                common.print0(log_line(step, plan, s, lr, dt, pairs))
+            if len(eval_rows) and (step % _EVAL_EVERY == 0 or step == plan["stop"]) and evaluating:
+                metrics = held_out(inner, eval_rows, teacher, acc, cfg.BATCH_SIZE)
+                common.print0(f"eval step {step:>6} | kl {metrics['kl']:.4f} | ppl "
+                              f"{metrics['student_ppl']:.3f}")
+            stop = request["stop"] and step < plan["max_steps"]
+            if world > 1:  # every process stops at the same step
+                stop = bool(acc.reduce(torch.tensor(float(stop), device=dev), "sum").item())
+            if stop or (_CHECKPOINT_EVERY and step % _CHECKPOINT_EVERY == 0) or (
+                    step == plan["stop"] < plan["max_steps"]):
+                path = save_checkpoint(root, step, model, optimizer, acc, shard, dict(
+                    step=step, tokens=tokens, world=world, fsdp=shard, data=position,
+                    ref_loss=ref_loss, start=start, settings=settings, student=m["student_id"],
+                    teacher=m["teacher_id"], scheduler=scheduler.state_dict()))
+            if stop:
+                bar.close()
+                raise common.Interrupted(f"stopped after step {step}: checkpoint {path}; run the "
+                                         f"same command again to resume")
     bar.close()
     tok_s = tok_run / t_train if tok_run else 0.0
     tflops = tok_s * flops_token / world / 1e12  # per device
-    mem, mem_kind = peak_memory_gib(device)
-
-    summary = {"steps": step, "max_steps": max_steps, "tokens": tokens, "losses": losses,
-               "start": start_metrics, "final": metrics, "tokens_per_s": tok_s,
-               "tflops_per_device": tflops, "mfu": tflops / peak if peak else None,
-               "peak_memory_gib": mem, "finished": step >= max_steps, "output": None}
-    final_model = None
-    if step >= max_steps:
-        final_model = (full_student(model, cfg.STUDENT, cfg.TRUST_REMOTE_CODE) if shard
-                       else inner.student if main_proc else None)
-    if final_model is not None:
-        final_model.config.head_dim = common.head_dim(final_model.config)
-        final_model.config.layer_types = common.layer_types(final_model.config)
-        final_model.to(common.stored_dtype(s_conf))
-        rec = dict(record)
-        rec.update(stage="distill", versions=common.versions(), distill={
-            "config": vars(cfg), "student": cfg.STUDENT, "teacher": teacher_name,
-            "steps": step, "tokens_seen": tokens, "processes": world, "fsdp": shard,
-            "throughput": {k: summary[k] for k in ("tokens_per_s", "tflops_per_device", "mfu",
-                                                   "peak_memory_gib")},
-            "hidden_loss_pairs": pairs, "metrics": {"start": start_metrics, "final": metrics},
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-        common.write_checkpoint(final_model, cfg.STUDENT, str(out_dir), rec, cfg.TRUST_REMOTE_CODE)
-        summary["output"] = str(out_dir)
-    acc.wait_for_everyone()
-    if main_proc:
-        print(f"steps: {step}/{max_steps}")
-        print(f"tokens: {tokens}")
-        print(f"tokens_per_s: {tok_s:.1f}")  # training steps only, all processes together
-        print(f"tflops_per_device: {tflops:.4g}")
-        if peak:
-            print(f"mfu: {tflops / peak:.3f}")
-        print(f"peak_memory_gib: {mem:.2f} ({mem_kind}, first process)")
-        if losses:
-            print(f"loss_first: {losses[0]:.4f}")
-            print(f"loss_last: {losses[-1]:.4f}")
-        for name, m in (("start", start_metrics), ("final", metrics)):
-            if m:
-                print(f"{name}_kl: {m['kl']:.4f}")
-                print(f"{name}_ppl: {m['student_ppl']:.3f}")
-        if start_metrics:
-            print(f"teacher_ppl: {start_metrics['teacher_ppl']:.3f}")
-        print(f"output: {summary['output'] or 'none (stopped early; rerun to resume)'}")
-    return summary
+    return {"steps": step, "max_steps": plan["max_steps"], "tokens": tokens, "losses": losses,
+            "start": start, "final": metrics, "tokens_per_s": tok_s, "tflops_per_device": tflops,
+            "mfu": tflops / peak if peak else None, "peak_memory_gib": peak_memory_gib(dev)[0],
+            "finished": step >= plan["max_steps"], "output": None}
 
 
 if __name__ == "__main__":

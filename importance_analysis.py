@@ -3,58 +3,40 @@
     uv run importance_analysis.py                          # Olmo-3-7B-Instruct, 1024 x 4096 tokens
     uv run importance_analysis.py MODEL=path/to/model DATASET=notes.txt NUM_SAMPLES=64
 
-Any constant below can be overridden for one run as NAME=value (a Python literal, else a
-string). The run reads MODEL (hub id or local directory) and DATASET (hub dataset with a
-`messages` or `text` column, or a local .txt / .jsonl / .parquet file), packs NUM_SAMPLES rows of
-SEQ_LEN tokens, and makes one forward pass with hooks that accumulate float32 statistics in
-fixed-size buffers (memory does not grow with the number of tokens). It then measures, on
-LOSS_SAMPLES further rows, the LM-loss increase when each single layer is skipped.
-
-Aggregation (Minitron P1 Table 13, the winning one): per row take the mean of |activation| over
-the sequence, then the L2 norm over all rows.
-
-Writes OUTPUT, a torch file loadable with `torch.load(path, weights_only=True)`:
-
-    mlp         [n_layers, intermediate_size]  per neuron, the input to down_proj
-    attention   [n_layers, n_heads]            per query head: per channel of the input to
-                                               o_proj, then the L2 norm over the head's channels
-    attn_ln     [hidden_size]                  per hidden channel, the attention block's norm
-                                               output, summed over layers (Olmo:
-                                               post_attention_layernorm; Llama: input_layernorm)
-    ffn_ln      [hidden_size]                  the same for the MLP block's norm (Olmo:
-                                               post_feedforward_layernorm; Llama:
-                                               post_attention_layernorm)
-    layer       {layer index: float}           Block Importance, 1 - cos(h_in, h_out), token mean
-    layer_loss  {layer index: float}           LM-loss increase (nats/token) when that layer is
-                                               skipped; empty when LOSS_SAMPLES = 0
-    base_loss   float | None                   the unskipped loss on those rows
-    meta        dict                           resolved config, model, architecture, shapes,
-                                               layer_types, sample/token counts, versions
+One forward pass over NUM_SAMPLES packed rows with hooks that add float32 statistics into
+fixed-size buffers: per MLP neuron, attention head and hidden channel, the mean |activation| over
+each row, then the L2 norm over rows (Minitron P1 Table 13), and per layer the Block Importance.
+Then, on LOSS_SAMPLES further rows, the LM-loss increase when each single layer is skipped (the
+hidden states entering each layer are kept from one pass, so skipping layer i runs only the
+layers after it). Writes OUTPUT (the scores file prune.py reads; its keys are in the README).
+The scoring pass is kept in OUTPUT.partial until the run ends: an interrupted run continues
+from it when run again with the same settings.
 """
 
 import math
 import os
 import time
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 import common
 
-# ---- model ----------------------------------------------------------------------------------
+# ---- knobs: per run, `NAME=value` on the command line --------------------------------------
 MODEL = "allenai/Olmo-3-7B-Instruct"   # hub id or local directory of a HF causal LM
-TRUST_REMOTE_CODE = False              # let transformers run code shipped with MODEL
-DTYPE = None                           # torch dtype name; None: bfloat16 on GPU, float32 on CPU
-DEVICE = None                          # 'cuda', 'cpu', ...; None: cuda when available
-# ---- calibration data -----------------------------------------------------------------------
 DATASET = "allenai/Dolci-Instruct-SFT" # hub dataset (messages/text column) or local .txt/.jsonl/.parquet
 NUM_SAMPLES = 1024                     # packed rows scored (Minitron P1: 1024 is enough, one pass)
-SEQ_LEN = 4096                         # tokens per packed row
+SEQ_LEN = 4096                         # tokens per packed row (at least 2)
 BATCH_SIZE = 8                         # rows per forward pass
-SEED = 0                               # shuffles the documents before packing
-LOSS_SAMPLES = 8                       # rows for the per-layer skip loss (n_layers+1 passes); 0: off
-# ---- output ---------------------------------------------------------------------------------
+LOSS_SAMPLES = 8                       # further rows for the per-layer skip loss; 0: off
+DEVICE: str | None = None              # 'cuda', 'cpu', 'cuda:1'; None: cuda when available
 OUTPUT = "out/scores.pt"               # scores file; prune.py reads this path by default
+
+# ---- recipe: edit here to experiment, not per run (recorded in the scores' meta) ------------
+_DTYPE = None                          # compute dtype name; None: bfloat16 on GPU, float32 on CPU
+_SEED = 0                              # shuffles the documents before packing (prune.py skips these rows)
+_STATE_MEMORY = 0.5                    # kept hidden states may use this share of free device memory
 
 
 # ---- statistics -----------------------------------------------------------------------------
@@ -176,14 +158,152 @@ def collect_scores(model, family: common.Family, rows: torch.Tensor, batch_size:
     }
 
 
-def layer_skip_losses(model, rows: torch.Tensor, batch_size: int, progress: bool = True,
-                      ) -> tuple[float, dict]:
-    """Mean LM loss on `rows`, and its increase when each single layer is skipped."""
-    base = common.skip_loss(model, rows, batch_size)
-    layers = range(len(model.model.layers))
-    increase = {i: common.skip_loss(model, rows, batch_size, [i]) - base
-                for i in tqdm(layers, desc="layer-skip loss", disable=not progress)}
-    return base, increase
+# ---- depth: the loss when one layer is skipped ---------------------------------------------
+
+def state_bytes(model, rows: torch.Tensor) -> int:
+    """Memory of the hidden states entering every layer for all `rows` (the prefix reuse)."""
+    c = model.config
+    size = torch.finfo(model.dtype).bits // 8
+    return c.num_hidden_layers * rows.numel() * c.hidden_size * size
+
+
+def state_device(model, rows: torch.Tensor) -> str | None:
+    """Where the kept hidden states go: the model's device if they fit in _STATE_MEMORY of its
+    free memory, else the CPU if they fit its free RAM the same way; None: they fit nowhere."""
+    need = state_bytes(model, rows)
+    device = common.input_device(model)
+    if device.type == "cuda" and need < _STATE_MEMORY * torch.cuda.mem_get_info(device)[0]:
+        return str(device)
+    free_ram = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return "cpu" if need < _STATE_MEMORY * free_ram else None
+
+
+@torch.no_grad()
+def layer_inputs(model, ids: torch.Tensor, where: str) -> tuple[list[torch.Tensor], float]:
+    """The hidden states entering each decoder layer for `ids` (moved to `where`), and the
+    summed LM loss of the unskipped model on them, from one forward pass."""
+    states = []
+
+    def keep(mod, args, kwargs):
+        states.append((args[0] if args else kwargs["hidden_states"]).to(where))
+
+    handles = [b.register_forward_pre_hook(keep, with_kwargs=True) for b in model.model.layers]
+    try:
+        hidden = common.final_hidden(model, ids)[:, :-1].flatten(0, 1)
+    finally:
+        for h in handles:
+            h.remove()
+    return states, common.hidden_loss(model, hidden, ids)
+
+
+@torch.no_grad()
+def loss_from_layer(model, ids: torch.Tensor, h: torch.Tensor, skip: int) -> float:
+    """Summed LM loss of `ids` with layer `skip` skipped, given `h`, the hidden state entering
+    it: layers 0..skip are replaced by a stub returning `h` (the model's own loop still builds
+    masks and rotary embeddings), so only the layers after `skip` are computed."""
+    layers = model.model.layers[:skip + 1]
+    h = h.to(common.input_device(model))
+    saved = [layer.__dict__.get("forward") for layer in layers]  # accelerate may have wrapped it
+    for layer in layers:
+        layer.forward = lambda *args, **kwargs: h
+    try:
+        hidden = common.final_hidden(model, ids)[:, :-1].flatten(0, 1)
+    finally:
+        for layer, old in zip(layers, saved):
+            if old is None:
+                del layer.forward
+            else:
+                layer.forward = old
+    return common.hidden_loss(model, hidden, ids)
+
+
+def layer_skip_losses(model, rows: torch.Tensor, batch_size: int, done: dict | None = None,
+                      save=None, progress: bool = True) -> tuple[float, dict]:
+    """Mean LM loss on `rows`, and its increase when each single layer is skipped.
+
+    `done` holds increases already measured (from an interrupted run): they are not measured
+    again. `save(base, increases)` is called after each layer. The states entering every layer
+    are kept from one pass when they fit (see `state_device`); else each skip runs the whole
+    model with the layer replaced by the identity (`common.skip_loss`), twice the work.
+    """
+    done = dict(done or {})
+    n = len(model.model.layers)
+    where = state_device(model, rows)
+    gib = state_bytes(model, rows) / 2**30
+    if where is None:
+        print(f"skip loss: the {gib:.1f} GiB of hidden states to keep fit nowhere; "
+              f"running every skipped layer's whole forward")
+        base = common.skip_loss(model, rows, batch_size)
+        for i in tqdm([i for i in range(n) if i not in done], desc="layer-skip loss",
+                      disable=not progress):
+            done[i] = common.skip_loss(model, rows, batch_size, [i]) - base
+            save and save(base, done)
+        return base, done
+    print(f"skip loss: keeping the hidden states entering each layer ({gib:.2f} GiB on {where})")
+    kept, base, count = [], 0.0, 0
+    for ids in common.batches(rows, batch_size):
+        states, loss = layer_inputs(model, ids, where)
+        kept.append((ids, states))
+        base, count = base + loss, count + ids[:, 1:].numel()
+    base /= count
+    for i in tqdm([i for i in range(n) if i not in done], desc="layer-skip loss",
+                  disable=not progress):
+        total = sum(loss_from_layer(model, ids, states[i], i) for ids, states in kept)
+        done[i] = total / count - base
+        save and save(base, done)
+    return base, dict(sorted(done.items()))
+
+
+# ---- the scores file ------------------------------------------------------------------------
+
+def scores_meta(cfg, config, model_id: str, dtype: torch.dtype, calib, held_out) -> dict:
+    """How the scores were made: the `meta` entry of the scores file (prune.py checks it)."""
+    return {
+        "stage": "importance", "config": vars(cfg), "recipe": common.recipe(globals()),
+        "model": cfg.MODEL, "fingerprint": model_id, "architecture": config.architectures,
+        "model_type": config.model_type, "layer_types": common.layer_types(config),
+        "shape": {**common.shape_of(config), "vocab_size": config.vocab_size},
+        "num_samples": len(calib), "num_tokens": calib.numel(), "loss_samples": len(held_out),
+        "loss_tokens": len(held_out) * (cfg.SEQ_LEN - 1), "dtype": str(dtype).removeprefix("torch."),
+        "versions": common.versions(), "created": common.now(),
+    }
+
+
+def same_run(a: dict, b: dict) -> bool:
+    """Whether two metas describe the same scoring run (model content, data, settings)."""
+    keys = ("fingerprint", "recipe", "num_samples", "loss_samples", "dtype")
+    config = lambda m: {k: v for k, v in m["config"].items() if k != "OUTPUT"}  # noqa: E731
+    return all(a.get(k) == b.get(k) for k in keys) and config(a) == config(b)
+
+
+def write_scores(path: Path, scores: dict):
+    """The scores file (a torch file, `torch.load(path, weights_only=True)`), written atomically."""
+    common.write_atomic(path, lambda tmp: torch.save(scores, tmp), is_scores_file)
+
+
+def is_scores_file(path: Path) -> bool:
+    """Whether `path` is a scores file (complete or partial) this script wrote: it may be replaced."""
+    try:
+        return torch.load(path, weights_only=True)["meta"]["stage"] == "importance"
+    except Exception:  # anything unreadable is not ours
+        return False
+
+
+def partial_path(out_path: Path) -> Path:
+    return out_path.with_name(out_path.name + ".partial")
+
+
+def load_partial(path: Path, meta: dict) -> dict | None:
+    """The finished scoring pass of an interrupted run with the same settings, or None."""
+    if not path.exists():
+        return None
+    if not is_scores_file(path):
+        raise common.UserError(f"{path} exists and is not a partial scores file; move it away")
+    partial = torch.load(path, weights_only=True)
+    if not same_run(partial["meta"], meta):
+        print(f"warning: {path} is from another model or other settings; starting again")
+        return None
+    return partial
 
 
 # ---- report ---------------------------------------------------------------------------------
@@ -223,64 +343,81 @@ def report(scores: dict, types_: list[str]) -> str:
 
 # ---- main -----------------------------------------------------------------------------------
 
-def main(argv: list[str]) -> dict:
-    cfg = common.configure(globals(), argv)
-    for name in ("NUM_SAMPLES", "SEQ_LEN", "BATCH_SIZE"):
-        if getattr(cfg, name) < 1:
-            raise common.UserError(f"{name} must be at least 1, got {getattr(cfg, name)}")
-    if cfg.LOSS_SAMPLES < 0:
-        raise common.UserError(f"LOSS_SAMPLES must be 0 or more, got {cfg.LOSS_SAMPLES}")
-    out_path = common.check_writable(cfg.OUTPUT, "OUTPUT")
-    config = common.load_config(cfg.MODEL, cfg.TRUST_REMOTE_CODE)
-    family = common.family_of(config)
-    device = common.pick_device(cfg.DEVICE)
-    dtype = common.pick_dtype(cfg.DTYPE, device)
-
-    tokenizer = common.load_tokenizer(cfg.MODEL, cfg.TRUST_REMOTE_CODE)
+def read_rows(cfg, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """NUM_SAMPLES calibration rows and LOSS_SAMPLES held-out rows after them."""
     rows = common.calibration_rows(cfg.DATASET, tokenizer, cfg.NUM_SAMPLES + cfg.LOSS_SAMPLES,
-                                   cfg.SEQ_LEN, cfg.SEED)
+                                   cfg.SEQ_LEN, _SEED)
     calib, held_out = rows[:cfg.NUM_SAMPLES], rows[cfg.NUM_SAMPLES:]
     if len(calib) < cfg.NUM_SAMPLES:
         print(f"warning: DATASET yields only {len(calib)} rows of {cfg.SEQ_LEN} tokens, "
               f"fewer than NUM_SAMPLES={cfg.NUM_SAMPLES}; scoring those")
     if cfg.LOSS_SAMPLES and len(held_out) == 0:
         print(f"warning: no rows left for LOSS_SAMPLES={cfg.LOSS_SAMPLES} after calibration; "
-              f"skip-loss disabled")
+              f"skip loss disabled")
     print(f"data: {len(calib)} calibration rows + {len(held_out)} held-out rows "
           f"x {cfg.SEQ_LEN} tokens")
+    return calib, held_out
+
+
+def main(argv: list[str]) -> dict:
+    cfg = common.configure(globals(), argv)
+    common.at_least(cfg, 1, "NUM_SAMPLES", "BATCH_SIZE")
+    common.at_least(cfg, 2, "SEQ_LEN")  # one next-token prediction per row at least
+    common.at_least(cfg, 0, "LOSS_SAMPLES")
+    out_path = common.check_output(cfg.OUTPUT, "OUTPUT", {"MODEL": cfg.MODEL, "DATASET": cfg.DATASET},
+                                   is_scores_file)
+    config = common.load_config(cfg.MODEL)
+    family = common.family_of(config)
+    device = common.pick_device(cfg.DEVICE)
+    dtype = common.pick_dtype(_DTYPE, device)
+    model_id = common.fingerprint(cfg.MODEL)
+    tokenizer = common.load_tokenizer(cfg.MODEL)
+    calib, held_out = read_rows(cfg, tokenizer)
+    meta = scores_meta(cfg, config, model_id, dtype, calib, held_out)
+    partial = load_partial(partial_path(out_path), meta)
 
     t0 = time.time()
-    model = common.load_model(cfg.MODEL, device, dtype, cfg.TRUST_REMOTE_CODE)
-    print(f"model: {config.architectures} on {device} in {dtype}, loaded in {time.time() - t0:.1f}s")
+    model = common.load_model(cfg.MODEL, device, dtype)
+    t_load = time.time() - t0
+    print(f"model: {config.architectures} on {device} in {dtype}, loaded in {t_load:.1f}s")
     t0 = time.time()
-    scores = collect_scores(model, family, calib, cfg.BATCH_SIZE)
+    if partial is None:
+        scores = collect_scores(model, family, calib, cfg.BATCH_SIZE)
+        scores.pop("tokens")
+        scores.update(meta=meta, layer_loss={}, base_loss=None)
+        write_scores(partial_path(out_path), scores)  # Ctrl-C from here on keeps the pass
+    else:
+        scores = partial
+        print(f"resume: the scoring pass and {len(scores['layer_loss'])} skipped layers from "
+              f"{partial_path(out_path)}")
     t_scores = time.time() - t0
-    base_loss, layer_loss = (layer_skip_losses(model, held_out, cfg.BATCH_SIZE)
-                             if len(held_out) else (None, {}))
-    scores["layer_loss"], scores["base_loss"] = layer_loss, base_loss
-    tokens = scores.pop("tokens")
-    types_ = common.layer_types(config)
-    scores["meta"] = {
-        "config": vars(cfg), "model": cfg.MODEL, "architecture": config.architectures,
-        "model_type": config.model_type, "layer_types": types_,
-        "shape": {**common.shape_of(config), "vocab_size": config.vocab_size},
-        "num_samples": len(calib), "num_tokens": tokens, "loss_samples": len(held_out),
-        "loss_tokens": len(held_out) * (cfg.SEQ_LEN - 1), "dtype": str(dtype).removeprefix("torch."),
-        "versions": common.versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
 
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    torch.save(scores, tmp)
-    os.replace(tmp, out_path)
+    def save(base, done):
+        scores.update(base_loss=base, layer_loss=dict(done))
+        write_scores(partial_path(out_path), scores)
 
-    print(report(scores, types_))
-    if base_loss is not None:
-        print(f"base_loss: {base_loss:.4f} nats/token on {len(held_out)} held-out rows")
-    print(f"tokens: {tokens}")
-    print(f"tokens_per_s: {tokens / t_scores:.1f}")
+    t0 = time.time()
+    if len(held_out):
+        try:
+            layer_skip_losses(model, held_out, cfg.BATCH_SIZE, scores["layer_loss"], save)
+        except KeyboardInterrupt:
+            raise common.Interrupted(
+                f"the scoring pass and {len(scores['layer_loss'])} skipped layers are saved in "
+                f"{partial_path(out_path)}; run the same command again to continue") from None
+    t_skip = time.time() - t0
+    scores["meta"].update(created=common.now())
+    write_scores(out_path, scores)
+    common.remove(partial_path(out_path))
+
+    print(report(scores, meta["layer_types"]))
+    if scores["base_loss"] is not None:
+        print(f"base_loss: {scores['base_loss']:.4f} nats/token on {len(held_out)} held-out rows")
+    print(f"tokens: {calib.numel()}")
+    print(f"time: load {t_load:.1f}s, scoring pass {t_scores:.1f}s, skip loss {t_skip:.1f}s")
+    if partial is None:
+        print(f"tokens_per_s: {calib.numel() / t_scores:.1f}")
     print(f"output: {out_path}")
-    return scores
+    return {**scores, "time": {"load": t_load, "scores": t_scores, "skip_loss": t_skip}}
 
 
 if __name__ == "__main__":

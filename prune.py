@@ -1,47 +1,17 @@
 """Stage 2 of Pare: slice a model to a smaller shape with stage 1's importance scores.
 
-    uv run prune.py                                         # reads out/scores.pt, writes out/pruned
-    uv run prune.py TARGET_FFN=8192 TARGET_HIDDEN=3584      # a target shape
-    uv run prune.py TARGET_LAYERS=28 DEPTH_METRIC=block     # depth: drop the cheapest contiguous run
-    uv run prune.py TARGET_KV_HEADS=8                       # MHA -> GQA: mean-pool K/V per group
-    uv run prune.py TARGET_PARAMS=5e9 SAVE_TOP=3            # a parameter budget: search, rank, write
+    uv run prune.py TARGET_FFN=8192 TARGET_HIDDEN=3584      # a target shape (None keeps an axis)
+    uv run prune.py TARGET_LAYERS=28                        # depth: the cheapest contiguous run
+    uv run prune.py TARGET_KV_HEADS=8                       # MHA -> GQA: K/V mean-pooled per group
+    uv run prune.py TARGET_PARAMS=5e9 SAVE_TOP=3            # a parameter budget: search, rank, write 3
 
-Any constant below can be overridden for one run as NAME=value. The run reads MODEL and the
-scores file SCORES written by importance_analysis.py from that same model (a scores file from a
-different model is refused), and writes OUTPUT: an ordinary Hugging Face directory (safetensors in
-the source's dtype, config with explicit head_dim and sliced layer_types, the source's RoPE
-settings in both the nested 5.x form and the legacy rope_theta/rope_scaling form, tokenizer,
-chat template, generation_config.json) plus `pare.json`, the record distill.py reads: source
-model, scores file, resolved constants, the kept source indices per axis, parameter counts and
-the zero-shot metrics. The directory is written atomically.
-
-What is kept (Minitron: one pass of scores, the highest-scored units survive):
-
-- ffn: per layer, the TARGET_FFN neurons with the highest `mlp` score.
-- heads: whole heads only, per layer by the `attention` score (HEAD_SCORE='output': times the
-  norm of the head's o_proj columns, i.e. by what reaches the residual stream; on SmolLM2 heads
-  9 -> 6 it gave held-out perplexity 82.8 against 129.1). GQA sources keep the same number
-  of query heads in every kv group, ranked within the group. TARGET_KV_HEADS below the source's
-  groups the kept query heads and mean-pools each group's K and V projections (and k_norm gains)
-  into one kv head (MHA -> GQA; see `group_heads` for how groups are chosen).
-- hidden: one set of channels for the whole model (embedding, every block, final norm, lm_head),
-  by `attn_ln + ffn_ln` (see `hidden_importance`). With NORM_CORRECTION the kept gains of every
-  hidden-size RMSNorm are multiplied by sqrt(H/H'), exact when the dropped channels are zero.
-- layers: DEPTH_METRIC 'bi' (lowest Block Importance), 'loss' (lowest LM-loss increase when
-  skipped alone) or 'block' (the contiguous run whose removal costs the least LM loss, measured
-  here on the held-out rows, as in Minitron P2). KEEP_FULL_ATTENTION protects the full-attention
-  layers of a model that mixes sliding and full attention.
-
-With TARGET_PARAMS instead of a shape, candidate shapes on the HIDDEN_STEP / FFN_STEP grids
-(optionally fewer layers and heads) within BUDGET_TOLERANCE under the budget are enumerated,
-NUM_CANDIDATES of them are built and ranked by KL(teacher || candidate) on the held-out rows, and
-the best SAVE_TOP are written (OUTPUT, OUTPUT-2, ...) for light retraining before choosing.
-
-Held-out rows come from DATASET; when it is the scores file's dataset with the same SEED, the
-tokens importance_analysis.py used are skipped so the metrics are never measured on them. The
-same rows choose the 'block' run and rank budget candidates, so the printed metrics of a chosen
-model are slightly optimistic; evaluate on other data for an unbiased number.
-Every target is validated before any weight is loaded; a bad one is one `error:` line, exit 2.
+Reads SCORES (importance_analysis.py's output) and the model it was made from (MODEL, checked by
+content), keeps the highest-scored units of every axis (neurons and heads per layer, one set of
+hidden channels for the whole model, layers by the recipe's depth metric), loads the sliced
+weights strictly into a fresh model of the pruned config and writes an ordinary Hugging Face
+directory with `pare.json`, the record distill.py reads. With TARGET_PARAMS, candidate shapes on
+the recipe's grids are ranked by KL(teacher || candidate) on held-out rows of DATASET (after the
+rows the scores used) and the best SAVE_TOP written as OUTPUT, OUTPUT-2, ...
 """
 
 import itertools
@@ -54,66 +24,64 @@ from tqdm import tqdm
 
 import common
 
-# ---- source ---------------------------------------------------------------------------------
-MODEL = "allenai/Olmo-3-7B-Instruct"   # hub id or local directory: the model SCORES was made from
+# ---- knobs: per run, `NAME=value` on the command line --------------------------------------
+MODEL: str | None = None               # hub id or local directory; None: the model SCORES was made from
 SCORES = "out/scores.pt"               # importance_analysis.py's OUTPUT
-TRUST_REMOTE_CODE = False              # let transformers run code shipped with MODEL
-DTYPE = None                           # compute dtype name; None: bfloat16 on GPU, float32 on CPU
-DEVICE = None                          # 'cuda', 'cpu', ...; None: cuda when available
-SAVE_DTYPE = None                      # dtype of the written weights; None: the source checkpoint's
-# ---- target shape (None keeps the source's size on that axis) -------------------------------
-TARGET_HIDDEN = None                   # hidden channels, one set for the whole model
-TARGET_FFN = None                      # MLP neurons per layer
-TARGET_HEADS = None                    # query heads per layer; divisible by the kv heads
-TARGET_KV_HEADS = None                 # kv heads; below the source's: K/V mean-pooled per group
-TARGET_LAYERS = None                   # decoder layers kept
-# ---- how ------------------------------------------------------------------------------------
-DEPTH_METRIC = "bi"                    # layers dropped by: 'bi', 'loss' (skip loss), 'block' (contiguous run)
-KEEP_FULL_ATTENTION = True             # never drop full-attention layers (only when sliding ones exist)
-NORM_CORRECTION = True                 # scale kept hidden-size norm gains by sqrt(H/H')
-GQA_GROUPING = "similarity"            # heads sharing a pooled kv head: 'similarity' of K/V, or 'index'
-HEAD_SCORE = "activation"              # heads ranked by 'activation' (Minitron) or 'output' (x o_proj norm)
-# ---- parameter budget (instead of a target shape) -------------------------------------------
-TARGET_PARAMS = None                   # total parameters incl. embeddings (e.g. 5e9); None: use the shape
-BUDGET_TOLERANCE = 0.05                # candidates from TARGET_PARAMS * (1 - this) up to TARGET_PARAMS
-HIDDEN_STEP = 256                      # hidden grid (Minitron reference search: 256)
-FFN_STEP = 512                         # ffn grid (reference: 512)
-SEARCH_DEPTH = False                   # also drop layers, LAYER_STEP at a time (P1 Table 1: width wins)
-LAYER_STEP = 2                         # layers grid when SEARCH_DEPTH
-SEARCH_HEADS = False                   # also fewer query heads (multiples of the kv heads)
-MIN_KEEP = 0.5                         # smallest fraction of any axis a candidate keeps
-NUM_CANDIDATES = 10                    # candidates built and ranked by KL (spread over the window)
-SAVE_TOP = 1                           # best candidates written: OUTPUT, OUTPUT-2, ...
-# ---- held-out data (zero-shot metrics, 'block' depth, budget ranking) -----------------------
-DATASET = "allenai/Dolci-Instruct-SFT" # hub dataset (messages/text column) or local .txt/.jsonl/.parquet
-NUM_SAMPLES = 16                       # held-out packed rows
-SEQ_LEN = 4096                         # tokens per row
-BATCH_SIZE = 4                         # rows per forward pass
-SEED = 0                               # document shuffle; equal to the scores' SEED: their rows are skipped
-# ---- output ---------------------------------------------------------------------------------
+TARGET_HIDDEN: int | None = None       # hidden channels, one set for the whole model
+TARGET_FFN: int | None = None          # MLP neurons per layer
+TARGET_HEADS: int | None = None        # query heads per layer; divisible by the kv heads
+TARGET_KV_HEADS: int | None = None     # kv heads; below the source's: K/V mean-pooled per group
+TARGET_LAYERS: int | None = None       # decoder layers kept
+TARGET_PARAMS: float | None = None     # parameter budget incl. embeddings (e.g. 5e9), instead of a shape
+SEARCH_DEPTH = False                   # the budget search also drops layers (P1 Table 1: width wins)
+SAVE_TOP = 1                           # best budget candidates written: OUTPUT, OUTPUT-2, ...
+DATASET = "allenai/Dolci-Instruct-SFT" # held-out data: hub dataset or local .txt/.jsonl/.parquet
+NUM_SAMPLES = 16                       # held-out packed rows (zero-shot metrics, depth, ranking)
+SEQ_LEN = 4096                         # tokens per held-out row
+DEVICE: str | None = None              # 'cuda', 'cpu', 'cuda:1'; None: cuda when available
 OUTPUT = "out/pruned"                  # checkpoint directory; distill.py reads this path by default
 
-_SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
-              "num_hidden_layers", "head_dim")
-_TARGETS = {"TARGET_HIDDEN": "hidden_size", "TARGET_FFN": "intermediate_size",
+# ---- recipe: edit here to experiment, not per run (recorded in every pare.json) -------------
+# Minitron P1 (arXiv 2407.14679), P2 (arXiv 2408.11796) and NVIDIA's reference search.
+_DEPTH_METRIC = "block"                # 'block': the contiguous run of layers whose removal costs the
+                                       # least held-out loss (P2; on SmolLM2 30->24 ppl 44.5 vs 'loss'
+                                       # 44.9, 'bi' 51.6); 'bi': lowest Block Importance; 'loss':
+                                       # lowest single-layer skip loss from SCORES
+_KEEP_FULL_ATTENTION = True            # never drop Olmo 3's full-attention layers (if sliding ones exist)
+_HEAD_SCORE = "activation"             # heads by Minitron's score; 'output': times the o_proj column
+                                       # norm (SmolLM2 heads 9->6: ppl 82.8 vs 129.1; one model only)
+_GQA_GROUPING = "similarity"           # query heads sharing a pooled kv head: 'similarity' of K/V
+                                       # ('index': consecutive heads, the naive baseline)
+_NORM_CORRECTION = True                # scale kept hidden-size norm gains by sqrt(H/H') (olmo3.md;
+                                       # SmolLM2 hidden 576->504: ppl 92.1 vs 116.7 without)
+_HIDDEN_STEP = 256                     # budget search grids (reference search: hidden 256, ffn 512,
+_FFN_STEP = 512                        # layers 2)
+_LAYER_STEP = 2
+_SEARCH_HEADS = False                  # the budget search also tries fewer query heads
+_BUDGET_TOLERANCE = 0.05               # candidates from TARGET_PARAMS * (1 - this) up to TARGET_PARAMS
+_MIN_KEEP = 0.5                        # smallest share of any axis a candidate keeps (P1: prune at
+                                       # most ~30-40% at once; go further in steps)
+_NUM_CANDIDATES = 10                   # candidates built and ranked by KL (reference: top ~10)
+_BATCH_SIZE = 4                        # held-out rows per forward pass
+_DTYPE = None                          # compute dtype; None: bfloat16 on GPU, float32 on CPU
+_SAVE_DTYPE = None                     # written weights; None: the source checkpoint's dtype
+_SEED = 0                              # held-out document shuffle (importance_analysis._SEED: its
+                                       # rows are skipped when DATASET is the same)
+
+TARGETS = {"TARGET_HIDDEN": "hidden_size", "TARGET_FFN": "intermediate_size",
            "TARGET_HEADS": "num_attention_heads", "TARGET_KV_HEADS": "num_key_value_heads",
            "TARGET_LAYERS": "num_hidden_layers"}
-_DEPTH_METRICS = ("bi", "loss", "block")
-_GROUPINGS = ("similarity", "index")
-_HEAD_SCORES = ("activation", "output")
+DEPTH_METRICS, GROUPINGS, HEAD_SCORES = ("bi", "loss", "block"), ("similarity", "index"), (
+    "activation", "output")
+SCORES_KEYS = ("mlp", "attention", "attn_ln", "ffn_ln", "layer", "layer_loss", "meta")
+META_KEYS = ("stage", "model", "fingerprint", "shape", "config", "recipe", "num_samples",
+             "loss_samples")
 
 
 # ---- inputs ---------------------------------------------------------------------------------
 
-def same_model(a: str, b: str) -> bool:
-    """Whether two MODEL strings name the same model (local paths compared once resolved)."""
-    if Path(a).exists() and Path(b).exists():
-        return Path(a).resolve() == Path(b).resolve()
-    return a == b
-
-
-def load_scores(path: str, config, model: str) -> dict:
-    """The scores file, checked against the model: same recorded model, same shapes."""
+def load_scores(path: str) -> dict:
+    """The scores file (the one reader of importance_analysis.py's format): keys, meta, values."""
     if not Path(path).is_file():
         raise common.UserError(f"SCORES={path!r}: no such file; run importance_analysis.py first "
                                f"(its OUTPUT is this script's SCORES)")
@@ -121,16 +89,24 @@ def load_scores(path: str, config, model: str) -> dict:
         scores = torch.load(path, weights_only=True)
     except Exception as e:  # torch raises several types for a file that is not a scores file
         raise common.UserError(f"SCORES={path!r} is not a scores file ({type(e).__name__})") from None
-    missing = {"mlp", "attention", "attn_ln", "ffn_ln", "layer", "meta"} - set(scores)
+    missing = [k for k in SCORES_KEYS if not isinstance(scores, dict) or k not in scores]
+    missing += [f"meta.{k}" for k in META_KEYS if not missing and k not in scores["meta"]]
     if missing:
-        raise common.UserError(f"SCORES={path!r} lacks {sorted(missing)}; "
-                               f"rerun importance_analysis.py")
+        raise common.UserError(f"SCORES={path!r} lacks {missing}; rerun importance_analysis.py")
+    for key in ("mlp", "attention", "attn_ln", "ffn_ln"):
+        if not torch.isfinite(scores[key]).all():
+            raise common.UserError(f"SCORES={path!r} has NaN or infinite values in {key!r} (the "
+                                   f"model's activations overflowed); rerun importance_analysis.py "
+                                   f"in float32 (its _DTYPE)")
+    return scores
+
+
+def check_scores(scores: dict, path: str, config, model: str, model_id: str):
+    """The scores were made from this model: same shapes, same content (by fingerprint; the
+    same model moved or copied is accepted, other weights at the same path are not)."""
     meta = scores["meta"]
-    if not same_model(str(meta.get("model")), model):
-        raise common.UserError(f"SCORES={path!r} was made from MODEL={meta.get('model')!r}, "
-                               f"not {model!r}")
     want = {**common.shape_of(config), "vocab_size": config.vocab_size}
-    got = {k: meta.get("shape", {}).get(k) for k in want}
+    got = {k: meta["shape"].get(k) for k in want}
     if got != want:
         diff = ", ".join(f"{k} {got[k]} vs {want[k]}" for k in want if got[k] != want[k])
         raise common.UserError(f"SCORES={path!r} does not match MODEL={model!r}: {diff}")
@@ -138,7 +114,12 @@ def load_scores(path: str, config, model: str) -> dict:
     if (tuple(scores["mlp"].shape) != (n, f) or tuple(scores["attention"].shape) != (n, h)
             or scores["attn_ln"].numel() != config.hidden_size):
         raise common.UserError(f"SCORES={path!r} has tensors of the wrong shape for MODEL")
-    return scores
+    if meta["fingerprint"] != model_id:
+        raise common.UserError(f"SCORES={path!r} was made from MODEL={meta['model']!r} with other "
+                               f"weights than {model!r} holds now (fingerprint {meta['fingerprint']}"
+                               f" vs {model_id}); rerun importance_analysis.py on this model")
+    if meta["model"] != model:
+        print(f"note: SCORES was made from {meta['model']!r}; {model!r} has the same content")
 
 
 def protected_layers(types_: list[str], keep_full: bool) -> set[int]:
@@ -152,7 +133,7 @@ def target_shape(cfg, src: dict) -> dict:
     """The requested shape: each TARGET_* or the source's; an MHA source stays MHA unless
     TARGET_KV_HEADS says otherwise."""
     shape = dict(src)
-    for name, key in _TARGETS.items():
+    for name, key in TARGETS.items():
         value = getattr(cfg, name)
         if value is not None:
             shape[key] = value
@@ -161,9 +142,15 @@ def target_shape(cfg, src: dict) -> dict:
     return shape
 
 
+def nearest_multiples(value: int, of: int, limit: int, k: int = 3) -> list[int]:
+    """The k multiples of `of` (at most `limit`) nearest to `value`."""
+    multiples = range(of, limit + 1, of)
+    return sorted(sorted(multiples, key=lambda m: (abs(m - value), m))[:k])
+
+
 def validate_shape(shape: dict, src: dict, model_type: str, droppable: int, where: str = ""):
     """Raise a UserError for a shape this script cannot or must not build."""
-    names = {v: k for k, v in _TARGETS.items()}
+    names = {v: k for k, v in TARGETS.items()}
     for key, name in names.items():
         v = shape[key]
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -176,45 +163,48 @@ def validate_shape(shape: dict, src: dict, model_type: str, droppable: int, wher
         raise common.UserError(f"{where}TARGET_HEADS={heads} is not divisible by the kv heads "
                                f"{kv}: every kv head needs the same number of query heads")
     if model_type in ("llama", "mistral") and shape["hidden_size"] % heads:
-        ok = [m for m in range(src["hidden_size"], 0, -1) if m % heads == 0][:3]
+        ok = nearest_multiples(shape["hidden_size"], heads, src["hidden_size"])
         raise common.UserError(f"{where}TARGET_HIDDEN={shape['hidden_size']} is not a multiple of "
                                f"the {heads} attention heads, which transformers' {model_type} "
-                               f"config refuses; try one of {ok}")
+                               f"config refuses; the nearest that work: {ok}")
     drop = src["num_hidden_layers"] - shape["num_hidden_layers"]
     if drop > droppable:
         raise common.UserError(f"{where}TARGET_LAYERS={shape['num_hidden_layers']} drops {drop} "
                                f"layers but only {droppable} may be dropped "
-                               f"(KEEP_FULL_ATTENTION protects the full-attention layers)")
+                               f"(_KEEP_FULL_ATTENTION protects the full-attention layers)")
 
 
-def check_constants(cfg):
-    """Scalar constants that are wrong whatever the model."""
-    if cfg.DEPTH_METRIC not in _DEPTH_METRICS:
-        raise common.UserError(f"DEPTH_METRIC={cfg.DEPTH_METRIC!r}: one of {_DEPTH_METRICS}")
-    if cfg.GQA_GROUPING not in _GROUPINGS:
-        raise common.UserError(f"GQA_GROUPING={cfg.GQA_GROUPING!r}: one of {_GROUPINGS}")
-    if cfg.HEAD_SCORE not in _HEAD_SCORES:
-        raise common.UserError(f"HEAD_SCORE={cfg.HEAD_SCORE!r}: one of {_HEAD_SCORES}")
-    for name in ("NUM_SAMPLES", "SEQ_LEN", "BATCH_SIZE", "HIDDEN_STEP", "FFN_STEP", "LAYER_STEP",
-                 "NUM_CANDIDATES", "SAVE_TOP"):
-        if getattr(cfg, name) < 1:
-            raise common.UserError(f"{name} must be at least 1, got {getattr(cfg, name)}")
+def check_knobs(cfg):
+    """Knobs and recipe constants that are wrong whatever the model."""
+    for name, value, valid in (("_DEPTH_METRIC", _DEPTH_METRIC, DEPTH_METRICS),
+                               ("_GQA_GROUPING", _GQA_GROUPING, GROUPINGS),
+                               ("_HEAD_SCORE", _HEAD_SCORE, HEAD_SCORES)):
+        if value not in valid:
+            raise common.UserError(f"{name}={value!r} in prune.py: one of {valid}")
+    common.at_least(cfg, 1, "NUM_SAMPLES", "SAVE_TOP")
+    common.at_least(cfg, 2, "SEQ_LEN")
+    shape_targets = [n for n in TARGETS if getattr(cfg, n) is not None]
     if cfg.TARGET_PARAMS is not None:
-        shape_targets = [n for n in _TARGETS if getattr(cfg, n) is not None]
         if shape_targets:
             raise common.UserError(f"TARGET_PARAMS and {', '.join(shape_targets)} are both set: "
                                    f"give a parameter budget or a shape, not both")
-        if not isinstance(cfg.TARGET_PARAMS, (int, float)) or cfg.TARGET_PARAMS <= 0:
+        if cfg.TARGET_PARAMS <= 0:
             raise common.UserError(f"TARGET_PARAMS={cfg.TARGET_PARAMS!r} must be a positive number")
-        if not 0 < cfg.BUDGET_TOLERANCE < 1:
-            raise common.UserError(f"BUDGET_TOLERANCE={cfg.BUDGET_TOLERANCE} must be in (0, 1)")
-        if not 0 < cfg.MIN_KEEP <= 1:
-            raise common.UserError(f"MIN_KEEP={cfg.MIN_KEEP} must be in (0, 1]")
-        if cfg.SAVE_TOP > cfg.NUM_CANDIDATES:
-            raise common.UserError(f"SAVE_TOP={cfg.SAVE_TOP} exceeds NUM_CANDIDATES="
-                                   f"{cfg.NUM_CANDIDATES}")
+        if cfg.SAVE_TOP > _NUM_CANDIDATES:
+            raise common.UserError(f"SAVE_TOP={cfg.SAVE_TOP} exceeds the {_NUM_CANDIDATES} "
+                                   f"candidates ranked (_NUM_CANDIDATES)")
     elif cfg.SAVE_TOP != 1:
         raise common.UserError("SAVE_TOP applies to a TARGET_PARAMS search only")
+    elif cfg.SEARCH_DEPTH:
+        raise common.UserError("SEARCH_DEPTH applies to a TARGET_PARAMS search only; for a shape "
+                               "set TARGET_LAYERS")
+
+
+def output_paths(cfg, inputs: dict) -> list[Path]:
+    """OUTPUT, OUTPUT-2, ... (SAVE_TOP of them), each checked to be safe to write."""
+    names = [cfg.OUTPUT] + [f"{cfg.OUTPUT.rstrip('/')}-{r}" for r in range(2, cfg.SAVE_TOP + 1)]
+    return [common.check_output(n, "OUTPUT", inputs, lambda p: common.is_record_of(p, "prune"))
+            for n in names]
 
 
 # ---- parameter counts -----------------------------------------------------------------------
@@ -326,12 +316,13 @@ def head_output_norms(o_w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return o_w.float().view(o_w.shape[0], n_heads, -1).norm(dim=(0, 2))
 
 
-def make_plan(scores: dict, src: dict, shape: dict, layers: list[int], layer_weights, cfg) -> dict:
+def make_plan(scores: dict, src: dict, shape: dict, layers: list[int], layer_weights,
+              grouping: str = "similarity", head_score: str = "activation") -> dict:
     """Kept source indices per axis: the `kept` block of the record, with kv groups.
 
     `layer_weights(i)` gives layer i's (k_proj, v_proj, k_norm gains or None, o_proj) weights.
     Heads are ranked by their Minitron score (the norm of their input to o_proj) or, with
-    HEAD_SCORE='output', by that times the norm of their o_proj columns: a head whose output
+    head_score='output', by that times the norm of their o_proj columns: a head whose output
     o_proj scales down matters less than its activation says.
     """
     n_kv = src["num_key_value_heads"]
@@ -341,13 +332,13 @@ def make_plan(scores: dict, src: dict, shape: dict, layers: list[int], layer_wei
         plan["ffn"].append(top_sorted(scores["mlp"][i], shape["intermediate_size"]))
         features = None
         k_w, v_w, k_gain, o_w = layer_weights(i)
-        if shape["num_key_value_heads"] < n_kv and cfg.GQA_GROUPING == "similarity":
+        if shape["num_key_value_heads"] < n_kv and grouping == "similarity":
             features = kv_features(k_w, v_w, k_gain, n_kv)
         importance = scores["attention"][i]
-        if cfg.HEAD_SCORE == "output":
+        if head_score == "output":
             norms = head_output_norms(o_w, src["num_attention_heads"])
             importance = importance * norms.to(importance.device)  # weights may be on a GPU
-        groups = choose_heads(importance, src, shape, features, cfg.GQA_GROUPING)
+        groups = choose_heads(importance, src, shape, features, grouping)
         plan["kv_groups"].append(groups)
         plan["heads"].append([h for g in groups for h in g])
     return plan
@@ -447,7 +438,7 @@ def slice_state_dict(state: dict, plan: dict, src: dict, norm_correction: bool) 
 def pruned_config(config, shape: dict, layers: list[int], dtype: torch.dtype):
     """The source config with the new sizes, explicit head_dim and the kept layers' types."""
     d = config.to_dict()
-    d.update({k: shape[k] for k in _SHAPE_KEYS})
+    d.update({k: shape[k] for k in common.SHAPE_KEYS})
     if getattr(config, "layer_types", None) is not None:
         d["layer_types"] = [config.layer_types[i] for i in layers]
     d["dtype"] = str(dtype).removeprefix("torch.")
@@ -456,19 +447,6 @@ def pruned_config(config, shape: dict, layers: list[int], dtype: torch.dtype):
         return type(config).from_dict(d)
     except (ValueError, TypeError) as e:
         raise common.UserError(f"transformers refuses the pruned config: {e}") from None
-
-
-def legacy_rope(config) -> dict:
-    """`rope_theta` and a flat `rope_scaling` (of the full-attention layers), read the same way
-    by transformers 4.57 (which ignores the nested `rope_parameters` of 5.x) and >= 5.13."""
-    params = dict(getattr(config, "rope_parameters", None) or {})
-    if "full_attention" in params:
-        params = dict(params["full_attention"])
-    if "rope_theta" not in params:
-        return {}
-    theta = params.pop("rope_theta")
-    scaling = params if params.get("rope_type", "default") != "default" else None
-    return {"rope_theta": theta, "rope_scaling": scaling}
 
 
 def build_model(config, state: dict, device: str, dtype: torch.dtype):
@@ -495,6 +473,33 @@ def block_costs(model, rows, batch_size, droppable: list[int], n_drop: int) -> d
             for r in tqdm(runs, desc=f"block cost ({n_drop} layers)")}
 
 
+def layer_weights(model, family: common.Family):
+    """A function giving layer i's (k_proj, v_proj, k_norm gains or None, o_proj) weights."""
+    def get(i):
+        a = model.model.layers[i].self_attn
+        return (a.k_proj.weight, a.v_proj.weight, (a.k_norm.weight if family.qk_norm else None),
+                a.o_proj.weight)
+    return get
+
+
+def prune_one(model, scores: dict, shape: dict, layers: list[int], dtype: torch.dtype,
+              grouping: str = "similarity", head_score: str = "activation",
+              norm_correction: bool = True, state: dict | None = None) -> tuple:
+    """(pruned model, plan): `model` cut to `shape` keeping source layers `layers`, the units
+    chosen by `scores`, the sliced weights loaded strictly into a fresh model of the pruned
+    config (saved dtype `dtype`). `state`: `model.state_dict()` when the caller has it."""
+    config = model.config
+    src = common.shape_of(config)
+    plan = make_plan(scores, src, shape, layers, layer_weights(model, common.family_of(config)),
+                     grouping, head_score)
+    with torch.no_grad():
+        sliced = slice_state_dict(model.state_dict() if state is None else state, plan, src,
+                                  norm_correction)
+    new_config = pruned_config(config, shape, layers, dtype)
+    device = str(common.input_device(model))
+    return build_model(new_config, sliced, device, model.dtype), plan
+
+
 # ---- budget search --------------------------------------------------------------------------
 
 def grid(src_value: int, step: int, min_keep: float) -> list[int]:
@@ -503,199 +508,154 @@ def grid(src_value: int, step: int, min_keep: float) -> list[int]:
     return [src_value] + [m * step for m in range((src_value - 1) // step, 0, -1) if m * step >= lo]
 
 
-def candidate_shapes(cfg, src: dict, config, droppable: int) -> tuple[list[dict], list[dict]]:
-    """(all shapes within the budget window sorted by size, the NUM_CANDIDATES spread over it)."""
-    heads = ([h for h in grid(src["num_attention_heads"], 1, cfg.MIN_KEEP)
-              if h % src["num_key_value_heads"] == 0] if cfg.SEARCH_HEADS
-             else [src["num_attention_heads"]])
-    layers = ([n for n in range(src["num_hidden_layers"], 0, -cfg.LAYER_STEP)
-               if n >= cfg.MIN_KEEP * src["num_hidden_layers"]
-               and src["num_hidden_layers"] - n <= droppable] if cfg.SEARCH_DEPTH
-              else [src["num_hidden_layers"]])
+def candidate_shapes(budget: float, src: dict, config, droppable: int, depth: bool,
+                     heads: bool) -> tuple[list[dict], list[dict]]:
+    """(all shapes on the recipe's grids within _BUDGET_TOLERANCE under `budget`, sorted by
+    size; the _NUM_CANDIDATES of them spread evenly over that window). `depth` / `heads`: also
+    fewer layers / query heads."""
+    head_grid = ([h for h in grid(src["num_attention_heads"], 1, _MIN_KEEP)
+                  if h % src["num_key_value_heads"] == 0] if heads
+                 else [src["num_attention_heads"]])
+    n = src["num_hidden_layers"]
+    layer_grid = ([k for k in range(n, 0, -_LAYER_STEP) if k >= _MIN_KEEP * n and n - k <= droppable]
+                  if depth else [n])
     window = []
-    for h, f, nh, n in itertools.product(grid(src["hidden_size"], cfg.HIDDEN_STEP, cfg.MIN_KEEP),
-                                         grid(src["intermediate_size"], cfg.FFN_STEP, cfg.MIN_KEEP),
-                                         heads, layers):
+    for h, f, nh, k in itertools.product(grid(src["hidden_size"], _HIDDEN_STEP, _MIN_KEEP),
+                                         grid(src["intermediate_size"], _FFN_STEP, _MIN_KEEP),
+                                         head_grid, layer_grid):
         shape = {**src, "hidden_size": h, "intermediate_size": f, "num_attention_heads": nh,
-                 "num_hidden_layers": n}
+                 "num_hidden_layers": k}
         if config.model_type in ("llama", "mistral") and h % nh:
             continue
         p = common.param_count(shape, config)["total"]
-        if cfg.TARGET_PARAMS * (1 - cfg.BUDGET_TOLERANCE) <= p <= cfg.TARGET_PARAMS:
+        if budget * (1 - _BUDGET_TOLERANCE) <= p <= budget:
             window.append({**shape, "params": p})
     window.sort(key=lambda s: -s["params"])
-    k = min(cfg.NUM_CANDIDATES, len(window))
+    k = min(_NUM_CANDIDATES, len(window))
     picks = sorted({round(i * (len(window) - 1) / max(k - 1, 1)) for i in range(k)})
     return window, [window[i] for i in picks]
 
 
-# ---- main -----------------------------------------------------------------------------------
+def plan_shapes(cfg, src: dict, config, droppable: int) -> list[dict]:
+    """The shapes to build: the target shape, or the budget search's candidates."""
+    if cfg.TARGET_PARAMS is None:
+        if all(getattr(cfg, n) is None for n in TARGETS):
+            raise common.UserError(f"no target: set one of {', '.join(TARGETS)} or TARGET_PARAMS "
+                                   f"(without one, prune.py would write a copy of MODEL)")
+        shape = target_shape(cfg, src)
+        validate_shape(shape, src, config.model_type, droppable)
+        pruned_config(config, shape, list(range(shape["num_hidden_layers"])), torch.float32)
+        return [shape]
+    total = common.param_count(src, config)["total"]
+    if cfg.TARGET_PARAMS > total:
+        raise common.UserError(f"TARGET_PARAMS={cfg.TARGET_PARAMS:.4g} is bigger than the "
+                               f"source's {total} parameters")
+    window, shapes = candidate_shapes(cfg.TARGET_PARAMS, src, config, droppable, cfg.SEARCH_DEPTH,
+                                      _SEARCH_HEADS)
+    if not shapes:
+        raise common.UserError(
+            f"no candidate shape on the grids (_HIDDEN_STEP={_HIDDEN_STEP}, _FFN_STEP={_FFN_STEP}, "
+            f"_MIN_KEEP={_MIN_KEEP}, SEARCH_DEPTH={cfg.SEARCH_DEPTH}) has between "
+            f"{cfg.TARGET_PARAMS * (1 - _BUDGET_TOLERANCE):.4g} and {cfg.TARGET_PARAMS:.4g} "
+            f"parameters; allow SEARCH_DEPTH, or widen the recipe's grids in prune.py")
+    if len(shapes) < cfg.SAVE_TOP:
+        raise common.UserError(f"SAVE_TOP={cfg.SAVE_TOP} but only {len(shapes)} candidates")
+    print(f"budget: {len(window)} shapes within {_BUDGET_TOLERANCE:.0%} under "
+          f"{fmt_params(cfg.TARGET_PARAMS)}; scoring {len(shapes)}")
+    return [{k: s[k] for k in common.SHAPE_KEYS} for s in shapes]
+
+
+def score_candidates(teacher, scores: dict, shapes: list[dict], rows: torch.Tensor,
+                     protected: set[int], save_dtype: torch.dtype) -> list[dict]:
+    """Build each shape (prune_one) and measure it on the held-out `rows`; sorted by KL. The
+    teacher runs on the rows once for all candidates; a search keeps only the plans (the few
+    written are rebuilt), a single shape keeps its model."""
+    src = common.shape_of(teacher.config)
+    n = src["num_hidden_layers"]
+    droppable = [i for i in range(n) if i not in protected]
+    state = teacher.state_dict()
+    t_hidden = common.final_hiddens(teacher, rows, _BATCH_SIZE) if len(shapes) > 1 else None
+    costs, results = {}, []
+    for shape in tqdm(shapes, desc="candidates", disable=len(shapes) == 1):
+        n_drop = n - shape["num_hidden_layers"]
+        if _DEPTH_METRIC == "block" and n_drop and n_drop not in costs:
+            costs[n_drop] = block_costs(teacher, rows, _BATCH_SIZE, droppable, n_drop)
+        layers = choose_layers(scores, _DEPTH_METRIC, n, shape["num_hidden_layers"], protected,
+                               costs.get(n_drop))
+        t0 = time.time()
+        student, plan = prune_one(teacher, scores, shape, layers, save_dtype, _GQA_GROUPING,
+                                  _HEAD_SCORE, _NORM_CORRECTION, state)
+        t_slice = time.time() - t0
+        metrics = common.evaluate(student, rows, _BATCH_SIZE, teacher=teacher,
+                                  teacher_hidden=t_hidden, progress="held-out")
+        if not math.isfinite(metrics["kl"]):
+            raise RuntimeError(f"KL is {metrics['kl']} for shape {shape}: the slicing is broken")
+        results.append({"shape": shape, "plan": plan, "metrics": metrics, "t_slice": t_slice,
+                        "params": common.param_count(shape, teacher.config),
+                        "model": student if len(shapes) == 1 else None,
+                        "t_eval": time.time() - t0 - t_slice})
+        del student
+    return sorted(results, key=lambda r: r["metrics"]["kl"])
+
+
+# ---- outputs --------------------------------------------------------------------------------
 
 def held_out_rows(cfg, tokenizer, meta: dict) -> torch.Tensor:
     """NUM_SAMPLES rows of DATASET, after the tokens importance_analysis.py used if it is the
-    same data in the same order (same DATASET and SEED)."""
-    scored = meta.get("config", {})
+    same data in the same order (same DATASET and seed)."""
     skip_tokens = 0
-    if scored.get("DATASET") == cfg.DATASET and scored.get("SEED") == cfg.SEED:
-        skip_tokens = (meta.get("num_samples", 0) + meta.get("loss_samples", 0)) * scored.get("SEQ_LEN", 0)
+    if meta["config"].get("DATASET") == cfg.DATASET and meta["recipe"].get("_SEED") == _SEED:
+        skip_tokens = (meta["num_samples"] + meta["loss_samples"]) * meta["config"]["SEQ_LEN"]
     skip = math.ceil(skip_tokens / cfg.SEQ_LEN)
-    rows = list(itertools.islice(common.packed_rows(cfg.DATASET, tokenizer, cfg.SEQ_LEN, cfg.SEED),
-                                 skip, skip + cfg.NUM_SAMPLES))
-    if not rows:
-        raise common.UserError(f"DATASET={cfg.DATASET!r} has no rows of SEQ_LEN={cfg.SEQ_LEN} left "
-                               f"after the {skip_tokens} tokens importance_analysis.py used; use "
-                               f"other held-out data, another SEED or a smaller SEQ_LEN")
+    try:
+        rows = common.calibration_rows(cfg.DATASET, tokenizer, cfg.NUM_SAMPLES, cfg.SEQ_LEN, _SEED,
+                                       skip_rows=skip)
+    except common.UserError as e:
+        raise common.UserError(f"{e} (the {skip_tokens} tokens importance_analysis.py used are "
+                               f"not held out); use other held-out data") from None
     if len(rows) < cfg.NUM_SAMPLES:
         print(f"warning: only {len(rows)} held-out rows, fewer than NUM_SAMPLES={cfg.NUM_SAMPLES}")
     print(f"held-out: {len(rows)} rows x {cfg.SEQ_LEN} tokens"
           + (f", after the {skip_tokens} tokens used for the scores" if skip_tokens else ""))
-    return torch.stack(rows)
+    return rows
 
 
-def shape_line(src: dict, shape: dict) -> str:
-    short = {"hidden_size": "hidden", "intermediate_size": "ffn", "num_attention_heads": "heads",
-             "num_key_value_heads": "kv_heads", "num_hidden_layers": "layers"}
-    return ", ".join(f"{v} {src[k]} -> {shape[k]}" for k, v in short.items()) + \
-        f", head_dim {shape['head_dim']}"
+def prune_record(cfg, model: str, model_id: str, src: dict, res: dict, rank: int, types_: list,
+                 before: dict, search: list | None, save_dtype) -> dict:
+    """`pare.json` of one written candidate (distill.py reads it through common.read_record)."""
+    plan = res["plan"]
+    return {
+        "stage": "prune", "source_model": model, "source_fingerprint": model_id,
+        "scores": cfg.SCORES, "config": vars(cfg), "recipe": common.recipe(globals()),
+        "source_shape": src, "shape": res["shape"], "rank": rank,
+        "layer_types": [types_[i] for i in plan["layers"]],
+        "kept": {k: plan[k] for k in ("layers", "hidden", "ffn", "heads", "kv_groups")},
+        "params": {"before": before["total"], "after": res["params"]["total"],
+                   "before_non_embedding": before["non_embedding"],
+                   "after_non_embedding": res["params"]["non_embedding"]},
+        "metrics": res["metrics"], "search": search, "dtype": str(save_dtype),
+        "versions": common.versions(), "created": common.now(),
+    }
 
 
-def main(argv: list[str]) -> dict:
-    cfg = common.configure(globals(), argv)
-    check_constants(cfg)
-    out_path = common.check_writable(cfg.OUTPUT, "OUTPUT", is_dir=True)
-    config = common.load_config(cfg.MODEL, cfg.TRUST_REMOTE_CODE)
-    family = common.family_of(config)
-    scores = load_scores(cfg.SCORES, config, cfg.MODEL)
-    src = common.shape_of(config)
-    types_ = common.layer_types(config)
-    protected = protected_layers(types_, cfg.KEEP_FULL_ATTENTION)
-    droppable = [i for i in range(src["num_hidden_layers"]) if i not in protected]
-    device = common.pick_device(cfg.DEVICE)
-    dtype = common.pick_dtype(cfg.DTYPE, device)
-    save_dtype = (common.pick_dtype(cfg.SAVE_DTYPE, device) if cfg.SAVE_DTYPE
-                  else common.stored_dtype(config, dtype))
-    if cfg.DEPTH_METRIC == "loss" and not scores.get("layer_loss"):
-        raise common.UserError(f"DEPTH_METRIC='loss' needs per-layer losses, but SCORES="
-                               f"{cfg.SCORES!r} has none (made with LOSS_SAMPLES=0); use 'bi' "
-                               f"or 'block'")
-    before = common.param_count(src, config)
+def print_ranking(results: list[dict]):
+    print(f"{'rank':>4} {'hidden':>7} {'ffn':>7} {'heads':>5} {'kv':>3} {'layers':>6} "
+          f"{'params':>10} {'KL':>8} {'ppl':>9}")
+    for r, res in enumerate(results, 1):
+        s, m = res["shape"], res["metrics"]
+        print(f"{r:>4} {s['hidden_size']:>7} {s['intermediate_size']:>7} "
+              f"{s['num_attention_heads']:>5} {s['num_key_value_heads']:>3} "
+              f"{s['num_hidden_layers']:>6} {fmt_params(res['params']['total']):>10} "
+              f"{m['kl']:8.4f} {m['student_ppl']:9.3f}")
 
-    if cfg.TARGET_PARAMS is None:
-        shapes = [target_shape(cfg, src)]
-        validate_shape(shapes[0], src, config.model_type, len(droppable))
-        pruned_config(config, shapes[0], list(range(shapes[0]["num_hidden_layers"])), save_dtype)
-        window = shapes
-    else:
-        if cfg.TARGET_PARAMS > before["total"]:
-            raise common.UserError(f"TARGET_PARAMS={cfg.TARGET_PARAMS:.4g} is bigger than the "
-                                   f"source's {before['total']} parameters")
-        window, shapes = candidate_shapes(cfg, src, config, len(droppable))
-        if not shapes:
-            raise common.UserError(
-                f"no candidate shape on the grids (HIDDEN_STEP={cfg.HIDDEN_STEP}, FFN_STEP="
-                f"{cfg.FFN_STEP}, MIN_KEEP={cfg.MIN_KEEP}, SEARCH_DEPTH={cfg.SEARCH_DEPTH}) has "
-                f"between {cfg.TARGET_PARAMS * (1 - cfg.BUDGET_TOLERANCE):.4g} and "
-                f"{cfg.TARGET_PARAMS:.4g} parameters; widen BUDGET_TOLERANCE, use finer steps, "
-                f"lower MIN_KEEP or allow SEARCH_DEPTH")
-        print(f"budget: {len(window)} shapes within {cfg.BUDGET_TOLERANCE:.0%} under "
-              f"{fmt_params(cfg.TARGET_PARAMS)}; scoring {len(shapes)}")
-        if len(shapes) < cfg.SAVE_TOP:
-            raise common.UserError(f"SAVE_TOP={cfg.SAVE_TOP} but only {len(shapes)} candidates")
 
-    tokenizer = common.load_tokenizer(cfg.MODEL, cfg.TRUST_REMOTE_CODE)
-    rows = held_out_rows(cfg, tokenizer, scores["meta"])
-    t0 = time.time()
-    teacher = common.load_model(cfg.MODEL, device, dtype, cfg.TRUST_REMOTE_CODE)
-    t_load = time.time() - t0
-    print(f"model: {config.architectures} on {device} in {dtype}, loaded in {t_load:.1f}s")
-    state = teacher.state_dict()
-
-    def layer_weights(i):
-        a = teacher.model.layers[i].self_attn
-        return (a.k_proj.weight, a.v_proj.weight, (a.k_norm.weight if family.qk_norm else None),
-                a.o_proj.weight)
-
-    costs: dict[int, dict] = {}
-    results = []
-    # a search compares many candidates with one teacher: run the teacher on the rows once
-    t_hidden = common.final_hiddens(teacher, rows, cfg.BATCH_SIZE) if len(shapes) > 1 else None
-    t0 = time.time()
-    for shape in tqdm(shapes, desc="candidates", disable=len(shapes) == 1):
-        n_drop = src["num_hidden_layers"] - shape["num_hidden_layers"]
-        if cfg.DEPTH_METRIC == "block" and n_drop and n_drop not in costs:
-            costs[n_drop] = block_costs(teacher, rows, cfg.BATCH_SIZE, droppable, n_drop)
-        layers = choose_layers(scores, cfg.DEPTH_METRIC, src["num_hidden_layers"],
-                               shape["num_hidden_layers"], protected, costs.get(n_drop))
-        plan = make_plan(scores, src, shape, layers, layer_weights, cfg)
-        ts = time.time()
-        with torch.no_grad():
-            sliced = slice_state_dict(state, plan, src, cfg.NORM_CORRECTION)
-        new_config = pruned_config(config, shape, layers, save_dtype)
-        student = build_model(new_config, sliced, device, dtype)
-        del sliced
-        t_slice = time.time() - ts
-        te = time.time()
-        metrics = common.evaluate(student, rows, cfg.BATCH_SIZE, teacher=teacher,
-                                  teacher_hidden=t_hidden)
-        t_eval = time.time() - te
-        if not math.isfinite(metrics["kl"]):
-            raise RuntimeError(f"KL is {metrics['kl']} for shape {shape}: the slicing is broken")
-        results.append({"shape": {k: shape[k] for k in _SHAPE_KEYS}, "plan": plan,
-                        "metrics": metrics, "params": common.param_count(shape, config),
-                        "model": student if len(shapes) == 1 else None, "t_slice": t_slice,
-                        "t_eval": t_eval})
-        if len(shapes) > 1:
-            del student
-    t_prune = time.time() - t0
-    results.sort(key=lambda r: r["metrics"]["kl"])
-    if cfg.TARGET_PARAMS is not None:
-        print(f"{'rank':>4} {'hidden':>7} {'ffn':>7} {'heads':>5} {'kv':>3} {'layers':>6} "
-              f"{'params':>10} {'KL':>8} {'ppl':>9}")
-        for r, res in enumerate(results, 1):
-            s, m = res["shape"], res["metrics"]
-            print(f"{r:>4} {s['hidden_size']:>7} {s['intermediate_size']:>7} "
-                  f"{s['num_attention_heads']:>5} {s['num_key_value_heads']:>3} "
-                  f"{s['num_hidden_layers']:>6} {fmt_params(res['params']['total']):>10} "
-                  f"{m['kl']:8.4f} {m['student_ppl']:9.3f}")
-    search = ([{**r["shape"], "params": r["params"]["total"], **r["metrics"]} for r in results]
-              if cfg.TARGET_PARAMS is not None else None)
-
-    written = []
-    t0 = time.time()
-    for rank, res in enumerate(results[:cfg.SAVE_TOP], 1):
-        shape, plan = res["shape"], res["plan"]
-        student = res["model"]
-        if student is None:  # budget search: rebuild the few written ones (memory: one at a time)
-            sliced = slice_state_dict(state, plan, src, cfg.NORM_CORRECTION)
-            student = build_model(pruned_config(config, shape, plan["layers"], save_dtype),
-                                  sliced, device, dtype)
-        student.to(save_dtype)
-        path = out_path if rank == 1 else out_path.with_name(f"{out_path.name}-{rank}")
-        actual = sum(p.numel() for p in student.parameters())
-        if actual != res["params"]["total"]:
-            print(f"warning: counted {actual} parameters, the formula says {res['params']['total']}")
-        record = {
-            "stage": "prune", "source_model": cfg.MODEL, "scores": cfg.SCORES, "config": vars(cfg),
-            "source_shape": src, "shape": shape, "rank": rank,
-            "layer_types": [types_[i] for i in plan["layers"]],
-            "kept": {"layers": plan["layers"], "hidden": plan["hidden"], "ffn": plan["ffn"],
-                     "heads": plan["heads"], "kv_groups": plan["kv_groups"]},
-            "params": {"before": before["total"], "after": res["params"]["total"],
-                       "before_non_embedding": before["non_embedding"],
-                       "after_non_embedding": res["params"]["non_embedding"]},
-            "metrics": res["metrics"], "search": search, "dtype": str(save_dtype),
-            "versions": common.versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        common.write_checkpoint(student, cfg.MODEL, str(path), record, cfg.TRUST_REMOTE_CODE,
-                                config_extra=legacy_rope(config))
-        written.append(path)
-        del student
-    t_save = time.time() - t0
-
-    best = results[0]
+def print_summary(src: dict, best: dict, before: dict, written: list, times: dict):
     shape, m, p = best["shape"], best["metrics"], best["params"]
     q_width = shape["num_attention_heads"] * shape["head_dim"]
-    print(f"shape: {shape_line(src, shape)}")
+    short = {"hidden_size": "hidden", "intermediate_size": "ffn", "num_attention_heads": "heads",
+             "num_key_value_heads": "kv_heads", "num_hidden_layers": "layers"}
+    print("shape: " + ", ".join(f"{v} {src[k]} -> {shape[k]}" for k, v in short.items())
+          + f", head_dim {shape['head_dim']}")
     print(f"layers_kept: {best['plan']['layers']}")
     print(f"params: {fmt_params(before['total'])} -> {fmt_params(p['total'])} "
           f"({p['total'] / before['total']:.1%})")
@@ -706,12 +666,66 @@ def main(argv: list[str]) -> dict:
     print(f"teacher_ppl: {m['teacher_ppl']:.4f}")
     print(f"pruned_ppl: {m['student_ppl']:.4f}")
     print(f"kl: {m['kl']:.4f} nats/token on {m['tokens']} held-out tokens")
-    print(f"time: load {t_load:.1f}s, prune+eval {t_prune:.1f}s (slice+build {best['t_slice']:.1f}s), "
-          f"save {t_save:.1f}s")
+    print(f"time: load {times['load']:.1f}s, prune+eval {times['prune_and_eval']:.1f}s (slice+build "
+          f"{best['t_slice']:.1f}s), save {times['save']:.1f}s")
     print(f"output: {', '.join(str(w) for w in written)}")
-    return {"results": results, "written": written, "before": before,
-            "time": {"load": t_load, "prune_and_eval": t_prune, "save": t_save,
-                     "eval": sum(r["t_eval"] for r in results)}}
+
+
+# ---- main -----------------------------------------------------------------------------------
+
+def main(argv: list[str]) -> dict:
+    cfg = common.configure(globals(), argv)
+    check_knobs(cfg)
+    scores = load_scores(cfg.SCORES)
+    model = cfg.MODEL or scores["meta"]["model"]
+    outputs = output_paths(cfg, {"MODEL": model, "SCORES": cfg.SCORES, "DATASET": cfg.DATASET})
+    config = common.load_config(model)
+    common.family_of(config)
+    model_id = common.fingerprint(model)
+    check_scores(scores, cfg.SCORES, config, model, model_id)
+    src, types_ = common.shape_of(config), common.layer_types(config)
+    protected = protected_layers(types_, _KEEP_FULL_ATTENTION)
+    if _DEPTH_METRIC == "loss" and not scores["layer_loss"]:
+        raise common.UserError(f"_DEPTH_METRIC='loss' needs per-layer losses, but SCORES="
+                               f"{cfg.SCORES!r} has none (made with LOSS_SAMPLES=0)")
+    device = common.pick_device(cfg.DEVICE)
+    dtype = common.pick_dtype(_DTYPE, device)
+    save_dtype = (common.pick_dtype(_SAVE_DTYPE, device, "_SAVE_DTYPE") if _SAVE_DTYPE
+                  else common.stored_dtype(config, dtype))
+    shapes = plan_shapes(cfg, src, config, src["num_hidden_layers"] - len(protected))
+    before = common.param_count(src, config)
+
+    rows = held_out_rows(cfg, common.load_tokenizer(model), scores["meta"])
+    t0 = time.time()
+    teacher = common.load_model(model, device, dtype)
+    times = {"load": time.time() - t0}
+    print(f"model: {config.architectures} on {device} in {dtype}, loaded in {times['load']:.1f}s")
+    t0 = time.time()
+    results = score_candidates(teacher, scores, shapes, rows, protected, save_dtype)
+    times["prune_and_eval"] = time.time() - t0
+    search = None
+    if cfg.TARGET_PARAMS is not None:
+        print_ranking(results)
+        search = [{**r["shape"], "params": r["params"]["total"], **r["metrics"]} for r in results]
+
+    t0 = time.time()
+    state = teacher.state_dict()
+    for rank, (res, path) in enumerate(zip(results, outputs), 1):
+        student = res["model"] or prune_one(  # a search rebuilds the few it writes, one at a time
+            teacher, scores, res["shape"], res["plan"]["layers"], save_dtype, _GQA_GROUPING,
+            _HEAD_SCORE, _NORM_CORRECTION, state)[0]
+        actual = sum(p.numel() for p in student.parameters())
+        if actual != res["params"]["total"]:
+            print(f"warning: counted {actual} parameters, the formula says {res['params']['total']}")
+        record = prune_record(cfg, model, model_id, src, res, rank, types_, before, search,
+                              save_dtype)
+        common.write_checkpoint(student, model, path, record, dtype=save_dtype)
+        res["model"] = None
+        del student
+    times["save"] = time.time() - t0
+    times["eval"] = sum(r["t_eval"] for r in results)
+    print_summary(src, results[0], before, outputs, times)
+    return {"results": results, "written": outputs, "before": before, "time": times}
 
 
 if __name__ == "__main__":

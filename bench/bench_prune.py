@@ -31,19 +31,19 @@ TARGETS = {  # name: overrides, for SmolLM2 (hidden 576, 9 heads / 3 kv, ffn 153
 }
 
 
-def random_olmo(path: Path) -> str:
-    """A random Olmo 3 of ~100M parameters with the conftest tokenizer (built once)."""
+def random_olmo(path: Path, text: str) -> str:
+    """A random Olmo 3 of ~100M parameters with a word-level tokenizer of `text` (built once)."""
     if (path / "config.json").is_file():
         return str(path)
     from transformers import AutoModelForCausalLM, Olmo3Config
-    from conftest import make_tokenizer
+    from corpus import corpus_tokenizer
     config = Olmo3Config(vocab_size=32000, hidden_size=768, intermediate_size=2048,
                          num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=12,
                          layer_types=["sliding_attention"] * 3 + ["full_attention"],
                          sliding_window=512, pad_token_id=1, eos_token_id=0, bos_token_id=None)
     config.layer_types = config.layer_types * 3
     AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    make_tokenizer().save_pretrained(path)
+    corpus_tokenizer(text).save_pretrained(path)
     return str(path)
 
 
@@ -54,7 +54,9 @@ def fake_scores(model_dir: str, out: Path) -> str:
     torch.save({"mlp": torch.rand(n, f), "attention": torch.rand(n, h), "attn_ln": torch.rand(H),
                 "ffn_ln": torch.rand(H), "layer": {i: float(i) for i in range(n)},
                 "layer_loss": {}, "base_loss": None,
-                "meta": {"model": model_dir, "config": {},
+                "meta": {"stage": "importance", "model": model_dir,
+                         "fingerprint": common.fingerprint(model_dir), "config": {}, "recipe": {},
+                         "num_samples": 0, "loss_samples": 0,
                          "shape": {**common.shape_of(config), "vocab_size": config.vocab_size}}},
                out)
     return str(out)
@@ -63,12 +65,12 @@ def fake_scores(model_dir: str, out: Path) -> str:
 def main():
     import smollm2
     from corpus import write_corpus
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
     OUT.mkdir(parents=True, exist_ok=True)
-    kind = "smollm2" if smollm2.available() else "olmo3"
-    model_dir = smollm2.smollm2_dir() if kind == "smollm2" else random_olmo(OUT / "olmo3-100m")
-    scores = fake_scores(model_dir, OUT / "scores.pt")
     _, eval_txt = write_corpus(OUT / "corpus")
+    kind = "smollm2" if smollm2.available() else "olmo3"
+    model_dir = (smollm2.smollm2_dir() if kind == "smollm2"
+                 else random_olmo(OUT / "olmo3-100m", Path(eval_txt).read_text()))
+    scores = fake_scores(model_dir, OUT / "scores.pt")
     config = common.load_config(model_dir)
     n = common.param_count(common.shape_of(config), config)["total"]
     print(f"model: {kind} {model_dir} ({prune.fmt_params(n)})")
@@ -76,7 +78,7 @@ def main():
     def load_save():
         t0 = time.perf_counter()
         model = common.load_model(model_dir, "cpu", torch.float32)
-        common.write_checkpoint(model, model_dir, str(OUT / "copy"), {"stage": "copy"})
+        common.write_checkpoint(model, model_dir, OUT / "copy", {"stage": "copy"})
         return time.perf_counter() - t0
 
     base = min(load_save() for _ in range(2))
@@ -84,7 +86,7 @@ def main():
     def prune_once(args):
         t0 = time.perf_counter()
         res = prune.main([f"MODEL={model_dir}", f"SCORES={scores}", f"DATASET={eval_txt}",
-                          "NUM_SAMPLES=1", "SEQ_LEN=64", "DEVICE='cpu'", f"OUTPUT={OUT / 'pruned'}",
+                          "NUM_SAMPLES=1", "SEQ_LEN=64", "DEVICE=cpu", f"OUTPUT={OUT / 'pruned'}",
                           *args])
         total = time.perf_counter() - t0
         return total, total - res["time"]["eval"]

@@ -26,5 +26,18 @@ def write_corpus(out_dir) -> tuple[str, str]:
     return paths[0], paths[1]
 
 
+def corpus_tokenizer(text: str, vocab_size: int = 4000):
+    """A word-level tokenizer of the text's most common words, with eos (id 0) and pad (id 1),
+    for the random models the benchmarks build when SmolLM2 is not installed."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator([text], trainers.WordLevelTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|pad|>", "<unk>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
+                                   pad_token="<|pad|>", unk_token="<unk>")
+
+
 if __name__ == "__main__":
     print("\n".join(write_corpus(sys.argv[1] if len(sys.argv) > 1 else "out/corpus")))

@@ -16,18 +16,30 @@ import torch  # noqa: E402
 
 import prune  # noqa: E402
 
-SHAPES = {  # name: overrides
-    "ffn1024": ["TARGET_FFN=1024"],
-    "h504_ffn1024": ["TARGET_HIDDEN=504", "TARGET_FFN=1024"],
-    "h504_ffn1024_nocorr": ["TARGET_HIDDEN=504", "TARGET_FFN=1024", "NORM_CORRECTION=False"],
-    "layers24_bi": ["TARGET_LAYERS=24", "DEPTH_METRIC='bi'"],
-    "layers24_loss": ["TARGET_LAYERS=24", "DEPTH_METRIC='loss'"],
-    "layers24_block": ["TARGET_LAYERS=24", "DEPTH_METRIC='block'"],
-    "heads6": ["TARGET_HEADS=6"],
-    "heads6_output": ["TARGET_HEADS=6", "HEAD_SCORE='output'"],
+SHAPES = {  # name: (knob overrides, prune.py recipe constants set for the run)
+    "ffn1024": (["TARGET_FFN=1024"], {}),
+    "h504_ffn1024": (["TARGET_HIDDEN=504", "TARGET_FFN=1024"], {}),
+    "h504_ffn1024_nocorr": (["TARGET_HIDDEN=504", "TARGET_FFN=1024"], {"_NORM_CORRECTION": False}),
+    "layers24_bi": (["TARGET_LAYERS=24"], {"_DEPTH_METRIC": "bi"}),
+    "layers24_loss": (["TARGET_LAYERS=24"], {"_DEPTH_METRIC": "loss"}),
+    "layers24_block": (["TARGET_LAYERS=24"], {"_DEPTH_METRIC": "block"}),
+    "heads6": (["TARGET_HEADS=6"], {}),
+    "heads6_output": (["TARGET_HEADS=6"], {"_HEAD_SCORE": "output"}),
 }
 RANDOM_SEEDS = (0, 1)  # random-kept baselines per shape
-EVAL_ARGS = ["NUM_SAMPLES=16", "SEQ_LEN=256", "BATCH_SIZE=4"]
+EVAL_ARGS = ["NUM_SAMPLES=16", "SEQ_LEN=256"]
+
+
+def with_recipe(constants: dict, fn, *args):
+    """fn(*args) with some of prune.py's recipe constants set (restored afterwards)."""
+    old = {k: getattr(prune, k) for k in constants}
+    for k, v in constants.items():
+        setattr(prune, k, v)
+    try:
+        return fn(*args)
+    finally:
+        for k, v in old.items():
+            setattr(prune, k, v)
 
 
 def random_scores(path: str, seed: int, out: str) -> str:
@@ -48,12 +60,14 @@ def main(model, scores, eval_txt, out_dir, names):
     rnd = [random_scores(scores, seed, str(out / f"random{seed}.pt")) for seed in RANDOM_SEEDS]
     table = []
     for name in names:
-        args = [f"MODEL={model}", f"DATASET={eval_txt}", *EVAL_ARGS, *SHAPES[name]]
+        knobs, constants = SHAPES[name]
+        args = [f"MODEL={model}", f"DATASET={eval_txt}", *EVAL_ARGS, *knobs]
         runs = [("pare", scores)] + [(f"random{seed}", p) for seed, p in zip(RANDOM_SEEDS, rnd)]
         if name.endswith(("_nocorr", "_loss", "_block", "_output")):
             runs = runs[:1]  # variants of Pare's own choices: no random baseline needed
         for kind, path in runs:
-            res = prune.main(args + [f"SCORES={path}", f"OUTPUT={out / f'{name}-{kind}'}"])
+            res = with_recipe(constants, prune.main,
+                              args + [f"SCORES={path}", f"OUTPUT={out / f'{name}-{kind}'}"])
             m = res["results"][0]["metrics"]
             table.append((name, kind, res["results"][0]["params"]["total"], m["teacher_ppl"],
                           m["student_ppl"], m["kl"]))

@@ -1,5 +1,6 @@
 """Hermetic fixtures: tiny random Olmo 3 and Llama-with-GQA models, a tokenizer, local data."""
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -97,3 +98,43 @@ def text_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "corpus.txt"
     path.write_text("\n\n".join(TEXT.splitlines() * 20), encoding="utf-8")
     return str(path)
+
+
+@contextlib.contextmanager
+def recipe(module, **values):
+    """Set some of a script's recipe constants (`_NAME`) for the duration of a block."""
+    old = {k: getattr(module, k) for k in values}
+    for k, v in values.items():
+        setattr(module, k, v)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            setattr(module, k, v)
+
+
+def split_args(args):
+    """(knob overrides, {recipe constant: value}) from NAME=value strings; `_NAME` are recipe."""
+    import ast
+
+    def value(raw):
+        try:
+            return ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            return raw  # a bare word is a string, as for knobs
+    knobs = [a for a in args if not a.startswith("_")]
+    private = {a.partition("=")[0]: value(a.partition("=")[2]) for a in args if a.startswith("_")}
+    return knobs, private
+
+
+def script_cmd(script, *args):
+    """The command that runs `script` (e.g. 'distill.py') as a user would, with `_NAME=value`
+    recipe constants set through tests/patched.py."""
+    import shutil
+    knobs, private = split_args(args)
+    uv = shutil.which("uv")
+    run = [uv, "run"] if uv else [sys.executable]
+    if not private:
+        return [*run, script, *knobs]
+    return [*run, "tests/patched.py", script.removesuffix(".py"),
+            *[f"{k}={v!r}" for k, v in private.items()], "--", *knobs]

@@ -4,17 +4,17 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
 
 import common
 import distill
-from conftest import ROOT, make_model, make_tokenizer, olmo3_config, llama_config
+from conftest import (ROOT, llama_config, make_model, make_tokenizer, olmo3_config, recipe,
+                      script_cmd, split_args)
 
 FAST = ["SEQ_LEN=32", "BATCH_SIZE=2", "GLOBAL_BATCH=4", "EVAL_SAMPLES=4", "LR=3e-3",
-        "MIN_LR=3e-4", "WARMUP_STEPS=2", "LOG_EVERY=1", "CHUNK_TOKENS=16"]
+        "_MIN_LR=3e-4", "_WARMUP_STEPS=2", "_LOG_EVERY=1", "_CHUNK_TOKENS=16"]
 
 
 def prune_like(teacher, layers, ffn=None, hidden=None):
@@ -52,9 +52,7 @@ def write_student(teacher_dir, student, layers, path, hidden=None):
                        "num_hidden_layers": c.num_hidden_layers,
                        "num_attention_heads": c.num_attention_heads,
                        "num_key_value_heads": c.num_key_value_heads, "head_dim": common.head_dim(c)}
-    kept = {"layers": list(layers)}
-    if hidden:
-        kept["hidden"] = list(range(hidden))
+    kept = {"layers": list(layers), "hidden": list(range(hidden or t.hidden_size))}
     record = {"stage": "prune", "source_model": str(teacher_dir), "kept": kept,
               "source_shape": shape(t), "shape": shape(student.config), "config": {},
               "params": {}, "metrics": {}, "versions": common.versions()}
@@ -86,8 +84,10 @@ def student_dir(teacher_dir, tmp_path_factory):
 
 
 def run(student, teacher_dir, text_file, out, *args):
-    return distill.main([f"STUDENT={student}", f"DATASET={text_file}", f"OUTPUT={out}", *FAST,
-                         *args])
+    """distill.main in-process; `_NAME=value` arguments set recipe constants for the run."""
+    knobs, private = split_args([*FAST, *args])
+    with recipe(distill, **private):
+        return distill.main([f"STUDENT={student}", f"DATASET={text_file}", f"OUTPUT={out}", *knobs])
 
 
 # ---- the loss -------------------------------------------------------------------------------
@@ -216,9 +216,8 @@ class CountingTokenizer:
 
 def test_row_stream_holds_out_repeats_and_resumes(tokenizer, text_file):
     every = list(common.packed_rows(text_file, tokenizer, 64, 0))
-    quiet = lambda m: 0  # noqa: E731
     pos = distill.start_position()
-    stream = distill.row_stream(text_file, tokenizer, 64, 0, 3, pos, quiet)
+    stream = distill.row_stream(text_file, tokenizer, 64, 0, 3, pos)
     train = every[3:]
     want = train + train + train
     saved = {}
@@ -230,7 +229,7 @@ def test_row_stream_holds_out_repeats_and_resumes(tokenizer, text_file):
     for k in (1, 7, len(train) - 1, len(train), len(train) + 2, 2 * len(train) + 4):
         tok = CountingTokenizer(tokenizer)
         pos = json.loads(json.dumps(saved[k]))
-        later = distill.row_stream(text_file, tok, 64, 0, 3, pos, quiet)
+        later = distill.row_stream(text_file, tok, 64, 0, 3, pos)
         assert torch.equal(next(later), want[k % len(want)])
         if pos["epoch"] == saved[k]["epoch"]:
             assert tok.calls == pos["documents"] - saved[k]["documents"] <= 2, k
@@ -261,8 +260,8 @@ def test_packed_rows_skip_hub_documents_untokenized(tokenizer, monkeypatch):
 
 def test_kl_falls_and_output(student_dir, teacher_dir, text_file, tmp_path):
     out = tmp_path / "distilled"
-    s = run(student_dir, teacher_dir, text_file, out, "MAX_STEPS=20", "EVAL_EVERY=10",
-            "CHECKPOINT_EVERY=0")
+    s = run(student_dir, teacher_dir, text_file, out, "MAX_STEPS=20", "_EVAL_EVERY=10",
+            "_CHECKPOINT_EVERY=0")
     assert s["finished"] and s["steps"] == 20 and s["tokens"] == 20 * 4 * 32
     assert s["final"]["kl"] < 0.75 * s["start"]["kl"]
     assert s["tflops_per_device"] > 0 and s["mfu"] is None and s["peak_memory_gib"] > 0.1
@@ -286,12 +285,13 @@ def test_kl_falls_and_output(student_dir, teacher_dir, text_file, tmp_path):
 
 
 def test_kill_and_resume_is_bit_identical(student_dir, teacher_dir, text_file, tmp_path):
-    common_args = ["MAX_STEPS=7", "CHECKPOINT_EVERY=2", "KEEP_CHECKPOINTS=2", "EVAL_EVERY=100"]
+    common_args = ["MAX_STEPS=7", "_CHECKPOINT_EVERY=2", "_KEEP_CHECKPOINTS=2", "_EVAL_EVERY=100"]
     full = run(student_dir, teacher_dir, text_file, tmp_path / "a", *common_args)
-    part = run(student_dir, teacher_dir, text_file, tmp_path / "b", *common_args, "STOP_AT_STEP=5")
+    part = run(student_dir, teacher_dir, text_file, tmp_path / "b", *common_args, "_STOP_AT_STEP=5")
     assert not part["finished"] and part["output"] is None and not (tmp_path / "b").exists()
     ckpts = tmp_path / "b-checkpoints"
-    assert sorted(p.name for p in ckpts.iterdir()) == ["step-0000004", "step-0000005"]  # last 2
+    assert sorted(p.name for p in ckpts.iterdir()) == ["pare.json", "step-0000004",
+                                                       "step-0000005"]  # the last 2, marked
     assert part["losses"] == full["losses"][:5]
     # killed after step 5, before its checkpoint was complete: resume from step 4
     shutil.rmtree(ckpts / "step-0000005")
@@ -312,7 +312,7 @@ def test_hidden_loss_on_when_depth_cut(teacher_dir, text_file, tmp_path, capsys)
     student = write_student(teacher_dir, prune_like(teacher, layers, hidden=48), layers,
                             tmp_path / "deep", hidden=48)
     run(student, teacher_dir, text_file, tmp_path / "out", "MAX_STEPS=3", "EVAL_SAMPLES=0",
-        "CHECKPOINT_EVERY=0")
+        "_CHECKPOINT_EVERY=0")
     printed = capsys.readouterr().out
     assert "hidden_loss: on, (student, teacher) hidden states [(0, 0), (1, 1)]" in printed
     assert re.search(r"^memory: about [0-9.]+ GiB per process", printed, re.M)
@@ -321,17 +321,17 @@ def test_hidden_loss_on_when_depth_cut(teacher_dir, text_file, tmp_path, capsys)
     assert common.read_record(tmp_path / "out")["distill"]["hidden_loss_pairs"] == [[0, 0], [1, 1]]
     # the same student with a high threshold: off
     run(student, teacher_dir, text_file, tmp_path / "out2", "MAX_STEPS=1", "EVAL_SAMPLES=0",
-        "CHECKPOINT_EVERY=0", "HIDDEN_LOSS_DEPTH_CUT=0.6")
+        "_CHECKPOINT_EVERY=0", "_HIDDEN_LOSS_DEPTH_CUT=0.6")
     assert "hidden_loss: off" in capsys.readouterr().out
 
 
 def test_plain_ce_and_divergence_abort(student_dir, teacher_dir, text_file, tmp_path):
-    s = run(student_dir, teacher_dir, text_file, tmp_path / "ce", "MAX_STEPS=2", "KL_WEIGHT=0.0",
-            "CE_WEIGHT=1.0", "CHECKPOINT_EVERY=0", "EVAL_SAMPLES=0")
+    s = run(student_dir, teacher_dir, text_file, tmp_path / "ce", "MAX_STEPS=2", "_KL_WEIGHT=0.0",
+            "_CE_WEIGHT=1.0", "_CHECKPOINT_EVERY=0", "EVAL_SAMPLES=0")
     assert s["finished"] and s["losses"][0] > 1.0  # cross-entropy of a random model, in nats
     with pytest.raises(common.UserError, match="loss exploded|diverged"):
         run(student_dir, teacher_dir, text_file, tmp_path / "boom", "MAX_STEPS=20", "LR=1e3",
-            "MIN_LR=1e3", "WARMUP_STEPS=0", "GRAD_CLIP=1e9", "CHECKPOINT_EVERY=0", "EVAL_SAMPLES=0")
+            "_MIN_LR=1e3", "_WARMUP_STEPS=0", "_GRAD_CLIP=1e9", "_CHECKPOINT_EVERY=0", "EVAL_SAMPLES=0")
     assert not (tmp_path / "boom").exists()
 
 
@@ -340,8 +340,9 @@ def test_plain_ce_and_divergence_abort(student_dir, teacher_dir, text_file, tmp_
 def test_bad_inputs(student_dir, teacher_dir, text_file, tmp_path):
     def bad(*args):
         out = tmp_path / "out"
-        with pytest.raises(common.UserError) as e:
-            distill.main([f"DATASET={text_file}", f"OUTPUT={out}", *FAST, "MAX_STEPS=1", *args])
+        knobs, private = split_args([*FAST, "MAX_STEPS=1", *args])
+        with pytest.raises(common.UserError) as e, recipe(distill, **private):
+            distill.main([f"DATASET={text_file}", f"OUTPUT={out}", *knobs])
         assert not out.exists() and not (tmp_path / "out-checkpoints").exists()
         return str(e.value)
 
@@ -369,16 +370,22 @@ def test_bad_inputs(student_dir, teacher_dir, text_file, tmp_path):
     assert "no rows" in bad(ok, "EVAL_SAMPLES=100000")
     assert "not a multiple" in bad(ok, "GLOBAL_BATCH=5")
     assert "at least 1" in bad(ok, "BATCH_SIZE=0")
-    assert "nothing to train" in bad(ok, "KL_WEIGHT=0.0")
-    assert "MIN_LR" in bad(ok, "MIN_LR=1.0")
+    assert "nothing to train" in bad(ok, "_KL_WEIGHT=0.0")
+    assert "_MIN_LR" in bad(ok, "LR=1e-6")
     assert "several processes" in bad(ok, "FSDP=True")  # nothing to shard over
 
 
 # ---- as users run it: subprocesses --------------------------------------------------------
 
-def uv_cmd(*args):
-    uv = shutil.which("uv")
-    return [uv, "run", *args] if uv else [sys.executable, "-m", *args]
+def launch_cmd(*args):
+    """`accelerate launch` of distill.py on 2 CPU processes (recipe constants via patched.py)."""
+    cmd = script_cmd("distill.py", *args)
+    at = next(i for i, a in enumerate(cmd) if a.endswith((".py")))
+    # on a machine without GPUs, `--multi_gpu` is what starts torchrun (gloo on CPU);
+    # `--cpu --num_processes 2` would need MPI and silently runs one process
+    launch = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no"]
+    return cmd[:at] + (launch if shutil.which("uv") else ["-m", *launch]) + cmd[at:]
 
 
 def logged_losses(text):
@@ -389,15 +396,11 @@ def test_end_to_end_and_two_processes(student_dir, teacher_dir, text_file, tmp_p
     """`uv run distill.py` and `accelerate launch --multi_gpu --num_processes 2` (CPU) as a user
     types them; the two-process loss trajectory matches the one-process one."""
     args = [f"STUDENT={student_dir}", f"DATASET={text_file}", *FAST, "MAX_STEPS=6",
-            "CHECKPOINT_EVERY=3", "EVAL_EVERY=3", "DEVICE=cpu"]
-    one = subprocess.run(uv_cmd("distill.py", *args, f"OUTPUT={tmp_path / 'one'}"), cwd=ROOT,
+            "_CHECKPOINT_EVERY=3", "_EVAL_EVERY=3", "DEVICE=cpu"]
+    one = subprocess.run(script_cmd("distill.py", *args, f"OUTPUT={tmp_path / 'one'}"), cwd=ROOT,
                          capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr
-    # on a machine without GPUs, `--multi_gpu` is what starts torchrun (gloo on CPU);
-    # `--cpu --num_processes 2` would need MPI and silently runs one process
-    launch = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no"]
-    two = subprocess.run(uv_cmd(*launch, "distill.py", *args, f"OUTPUT={tmp_path / 'two'}"),
+    two = subprocess.run(launch_cmd(*args, f"OUTPUT={tmp_path / 'two'}"),
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     l1, l2 = logged_losses(one.stdout), logged_losses(two.stdout)
@@ -415,13 +418,11 @@ def test_end_to_end_and_two_processes(student_dir, teacher_dir, text_file, tmp_p
 def test_fsdp_two_processes_shard_and_resume(student_dir, teacher_dir, text_file, tmp_path):
     """FSDP=True over two CPU processes: each holds half of every model, gradient accumulation
     and a stop-and-resume through the sharded checkpoint follow the one-process run."""
-    args = ["MAX_STEPS=6", "GLOBAL_BATCH=8", "CHECKPOINT_EVERY=3", "EVAL_EVERY=3"]
+    args = ["MAX_STEPS=6", "GLOBAL_BATCH=8", "_CHECKPOINT_EVERY=3", "_EVAL_EVERY=3"]
     ref = run(student_dir, teacher_dir, text_file, tmp_path / "ref", *args)
-    launch = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "distill.py",
-              f"STUDENT={student_dir}", f"DATASET={text_file}", *FAST, *args, "DEVICE=cpu",
+    launch = [f"STUDENT={student_dir}", f"DATASET={text_file}", *FAST, *args, "DEVICE=cpu",
               "FSDP=True", f"OUTPUT={tmp_path / 'fsdp'}"]
-    part = subprocess.run(uv_cmd(*launch, "STOP_AT_STEP=4"), cwd=ROOT, capture_output=True,
+    part = subprocess.run(launch_cmd(*launch, "_STOP_AT_STEP=4"), cwd=ROOT, capture_output=True,
                           text=True, timeout=600)
     assert part.returncode == 0, part.stderr[-3000:]
     held = re.search(r"holds ([\d,]+) of ([\d,]+) student parameters and ([\d,]+) of ([\d,]+) "
@@ -434,7 +435,7 @@ def test_fsdp_two_processes_shard_and_resume(student_dir, teacher_dir, text_file
     assert not (tmp_path / "fsdp").exists()
     with pytest.raises(common.UserError, match="written with FSDP=True"):  # one process, no FSDP
         run(student_dir, teacher_dir, text_file, tmp_path / "fsdp", *args)
-    rest = subprocess.run(uv_cmd(*launch), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    rest = subprocess.run(launch_cmd(*launch), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert rest.returncode == 0, rest.stderr[-3000:]
     assert "resume:" in rest.stdout and "step-0000004" in rest.stdout
     losses = logged_losses(part.stdout) + logged_losses(rest.stdout)
@@ -461,12 +462,12 @@ def test_fsdp_tied_gqa_with_hidden_loss(text_file, tmp_path):
     student = write_student(t_dir, prune_like(teacher(), [0, 2], hidden=48), [0, 2],
                             tmp_path / "student", hidden=48)
     args = [f"STUDENT={student}", f"DATASET={text_file}", *FAST, "MAX_STEPS=4",
-            "CHECKPOINT_EVERY=0", "EVAL_EVERY=4"]
-    ref = distill.main([*args, f"OUTPUT={tmp_path / 'ref'}"])
-    launch = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "distill.py", *args,
-              "DEVICE=cpu", "FSDP=True", f"OUTPUT={tmp_path / 'fsdp'}"]
-    two = subprocess.run(uv_cmd(*launch), cwd=ROOT, capture_output=True, text=True, timeout=600)
+            "_CHECKPOINT_EVERY=0", "_EVAL_EVERY=4"]
+    knobs, private = split_args(args)
+    with recipe(distill, **private):
+        ref = distill.main([*knobs, f"OUTPUT={tmp_path / 'ref'}"])
+    two = subprocess.run(launch_cmd(*args, "DEVICE=cpu", "FSDP=True", f"OUTPUT={tmp_path / 'fsdp'}"),
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     assert "hidden_loss: on" in two.stdout and "holds" in two.stdout
     assert ref["losses"][0] > 0.1  # something to learn
@@ -490,8 +491,8 @@ def test_pipeline_by_defaults(teacher_dir, text_file, tmp_path, monkeypatch):
     importance_analysis.main([f"MODEL={teacher_dir}", *data, "NUM_SAMPLES=4", "LOSS_SAMPLES=2"])
     prune.main([f"MODEL={teacher_dir}", *data, "NUM_SAMPLES=2", "TARGET_FFN=48",
                 "TARGET_HIDDEN=48"])
-    s = distill.main([*data, "BATCH_SIZE=2", "GLOBAL_BATCH=2", "MAX_STEPS=3", "EVAL_SAMPLES=2",
-                      "CHECKPOINT_EVERY=0", "WARMUP_STEPS=1"])
+    with recipe(distill, _CHECKPOINT_EVERY=0, _WARMUP_STEPS=1):
+        s = distill.main([*data, "BATCH_SIZE=2", "GLOBAL_BATCH=2", "MAX_STEPS=3", "EVAL_SAMPLES=2"])
     assert s["finished"] and s["output"] == "out/distilled"
     rec = common.read_record(tmp_path / "out" / "distilled")
     assert rec["source_model"] == teacher_dir and rec["distill"]["teacher"] == teacher_dir
@@ -499,7 +500,7 @@ def test_pipeline_by_defaults(teacher_dir, text_file, tmp_path, monkeypatch):
 
 
 def test_activation_checkpointing_same_losses(student_dir, teacher_dir, text_file, tmp_path):
-    args = ["MAX_STEPS=2", "EVAL_SAMPLES=0", "CHECKPOINT_EVERY=0"]
+    args = ["MAX_STEPS=2", "EVAL_SAMPLES=0", "_CHECKPOINT_EVERY=0"]
     plain = run(student_dir, teacher_dir, text_file, tmp_path / "a", *args)
     ckpt = run(student_dir, teacher_dir, text_file, tmp_path / "b", *args,
                "GRADIENT_CHECKPOINTING=True")

@@ -233,10 +233,20 @@ def test_bad_inputs(olmo_dir, text_file, tmp_path):
 
 
 def test_override_parsing():
-    ns = {"A": 1, "B": 0.5, "C": "x", "D": None, "E": True, "F": (1, 2), "lower": 3}
-    cfg = common.configure(ns, ["A=3", "B=2", "C=123", "D=[1, 'a']", "E=False", "F=[4]"])
-    assert vars(cfg) == {"A": 3, "B": 2.0, "C": "123", "D": [1, "a"], "E": False, "F": (4,)}
+    ns = {"A": 1, "B": 0.5, "C": "x", "D": None, "E": True, "F": [1, 2], "lower": 3,
+          "G": None, "H": None, "TABLE": (1, 2), "_RECIPE": 4,
+          "__annotations__": {"D": list | None, "G": float | None, "H": str | None}}
+    cfg = common.configure(ns, ["A=3", "B=2", "C=123", "D=[1, 'a']", "E=False", "F=[4]", "G=3",
+                                "H=cuda:0"])
+    assert vars(cfg) == {"A": 3, "B": 2.0, "C": "123", "D": [1, "a"], "E": False, "F": [4],
+                         "G": 3.0, "H": "cuda:0"}
     assert ns["A"] == 1  # the module's defaults are left alone
-    for bad in ("A=1.5", "A=True", "E=1", "F=3", "B='x'", "lower=1", "A"):
+    assert common.recipe(ns) == {"_RECIPE": 4}
+    for bad in ("A=1.5", "A=True", "E=1", "F=3", "B='x'", "lower=1", "A", "G='abc'", "D=5",
+                "TABLE=(3,)"):
         with pytest.raises(common.UserError):
             common.configure(ns, [bad])
+    with pytest.raises(common.UserError, match="recipe constant: edit _RECIPE"):
+        common.configure(ns, ["RECIPE=5"])
+    with pytest.raises(TypeError, match="needs an annotation"):  # a None knob must say its type
+        common.configure({"X": None}, [])

@@ -3,8 +3,6 @@
 import json
 import shutil
 import subprocess
-import sys
-import types
 
 import pytest
 import torch
@@ -12,7 +10,8 @@ import torch
 import common
 import importance_analysis as ia
 import prune
-from conftest import ROOT, llama_config, make_model, olmo3_config, save_model
+from conftest import (ROOT, llama_config, make_model, olmo3_config, recipe, save_model,
+                      script_cmd, split_args)
 
 YARN = {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 64,
         "attention_factor": 1.0, "beta_fast": 32.0, "beta_slow": 1.0}
@@ -42,18 +41,8 @@ def prune_in_memory(model, scores, grouping="similarity", norm_correction=True,
     prune.validate_shape(shape, src, config.model_type, src["num_hidden_layers"] - len(protected))
     layers = prune.choose_layers(scores, "bi", src["num_hidden_layers"], shape["num_hidden_layers"],
                                  protected)
-
-    def layer_weights(i):
-        a = model.model.layers[i].self_attn
-        return (a.k_proj.weight, a.v_proj.weight, getattr(a, "k_norm", None) and a.k_norm.weight,
-                a.o_proj.weight)
-
-    cfg = types.SimpleNamespace(GQA_GROUPING=grouping, HEAD_SCORE=head_score)
-    plan = prune.make_plan(scores, src, shape, layers, layer_weights, cfg)
-    state = prune.slice_state_dict(model.state_dict(), plan, src, norm_correction)
-    new = prune.build_model(prune.pruned_config(config, shape, layers, torch.float32), state,
-                            "cpu", torch.float32)
-    return new, plan
+    return prune.prune_one(model, scores, shape, layers, torch.float32, grouping, head_score,
+                           norm_correction)
 
 
 def ids(n=2, t=20, seed=3):
@@ -235,8 +224,11 @@ def yarn_olmo(tmp_path_factory, text_file):
 
 
 def run_main(model_dir, scores, data, out, *args):
-    return prune.main([f"MODEL={model_dir}", f"SCORES={scores}", f"DATASET={data}",
-                       "NUM_SAMPLES=3", "SEQ_LEN=32", f"OUTPUT={out}", *args])
+    """prune.main in-process; `_NAME=value` arguments set recipe constants for the run."""
+    knobs, private = split_args(args)
+    with recipe(prune, **private):
+        return prune.main([f"MODEL={model_dir}", f"SCORES={scores}", f"DATASET={data}",
+                           "NUM_SAMPLES=3", "SEQ_LEN=32", f"OUTPUT={out}", *knobs])
 
 
 def test_checkpoint_reloads_with_config_record_and_generate(yarn_olmo, tmp_path, capsys):
@@ -244,7 +236,7 @@ def test_checkpoint_reloads_with_config_record_and_generate(yarn_olmo, tmp_path,
     model_dir, scores, data = yarn_olmo
     out = tmp_path / "pruned"
     run_main(model_dir, scores, data, out, "TARGET_HIDDEN=48", "TARGET_FFN=64", "TARGET_HEADS=2",
-             "TARGET_KV_HEADS=1", "TARGET_LAYERS=5", "DEPTH_METRIC=block")
+             "TARGET_KV_HEADS=1", "TARGET_LAYERS=5", "_DEPTH_METRIC=block")
     printed = capsys.readouterr().out
     for key in ("shape:", "params:", "params_non_embedding:", "vllm_legacy_servable: no",
                 "teacher_ppl:", "pruned_ppl:", "kl:", f"output: {out}"):
@@ -306,9 +298,9 @@ def test_budget_search_ranks_and_writes_top(yarn_olmo, tmp_path, capsys):
     out = tmp_path / "pruned"
     config = common.load_config(model_dir)
     budget = 0.8 * common.param_count(common.shape_of(config), config)["total"]
-    result = run_main(model_dir, scores, data, out, f"TARGET_PARAMS={budget}", "HIDDEN_STEP=16",
-                      "FFN_STEP=16", "BUDGET_TOLERANCE=0.1", "SEARCH_DEPTH=True",
-                      "NUM_CANDIDATES=3", "SAVE_TOP=2")
+    result = run_main(model_dir, scores, data, out, f"TARGET_PARAMS={budget}", "_HIDDEN_STEP=16",
+                      "_FFN_STEP=16", "_BUDGET_TOLERANCE=0.1", "SEARCH_DEPTH=True",
+                      "_NUM_CANDIDATES=3", "SAVE_TOP=2")
     printed = capsys.readouterr().out
     assert "rank" in printed and "budget:" in printed
     kls = [r["metrics"]["kl"] for r in result["results"]]
@@ -322,21 +314,19 @@ def test_budget_search_ranks_and_writes_top(yarn_olmo, tmp_path, capsys):
 
 def test_end_to_end_subprocess(yarn_olmo, tmp_path):
     model_dir, scores, data = yarn_olmo
-    uv = shutil.which("uv")
-    cmd = [uv, "run", "prune.py"] if uv else [sys.executable, "prune.py"]
     common_args = [f"MODEL={model_dir}", f"SCORES={scores}", f"DATASET={data}", "NUM_SAMPLES=2",
                    "SEQ_LEN=32"]
-    shape = subprocess.run(cmd + common_args + ["TARGET_FFN=64", "TARGET_HIDDEN=32",
-                                                f"OUTPUT={tmp_path / 'shape'}"],
+    shape = subprocess.run(script_cmd("prune.py", *common_args, "TARGET_FFN=64", "TARGET_HIDDEN=32",
+                                      f"OUTPUT={tmp_path / 'shape'}"),
                            cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert shape.returncode == 0, shape.stderr
     assert f"output: {tmp_path / 'shape'}" in shape.stdout
     assert common.read_record(tmp_path / "shape")["shape"]["hidden_size"] == 32
     config = common.load_config(model_dir)
     budget = int(0.7 * common.param_count(common.shape_of(config), config)["total"])
-    search = subprocess.run(cmd + common_args + [f"TARGET_PARAMS={budget}", "HIDDEN_STEP=16",
-                                                 "FFN_STEP=32", "BUDGET_TOLERANCE=0.15",
-                                                 "NUM_CANDIDATES=2", f"OUTPUT={tmp_path / 'budget'}"],
+    search = subprocess.run(script_cmd("prune.py", *common_args, f"TARGET_PARAMS={budget}",
+                                       "_HIDDEN_STEP=16", "_FFN_STEP=32", "_BUDGET_TOLERANCE=0.15",
+                                       "_NUM_CANDIDATES=2", f"OUTPUT={tmp_path / 'budget'}"),
                             cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert search.returncode == 0, search.stderr
     assert "rank" in search.stdout
@@ -360,9 +350,9 @@ def test_bad_inputs(yarn_olmo, llama_dir, tmp_path):
     assert "positive integer" in bad("TARGET_HIDDEN=0")
     assert "not divisible by the kv heads" in bad("TARGET_HEADS=3", "TARGET_KV_HEADS=2")
     assert "only 6 may be dropped" in bad("TARGET_LAYERS=1")  # 2 full-attention layers protected
-    assert "DEPTH_METRIC" in bad("TARGET_LAYERS=6", "DEPTH_METRIC='random'")
-    assert "GQA_GROUPING" in bad("GQA_GROUPING='hash'")
-    assert "HEAD_SCORE" in bad("HEAD_SCORE='norm'")
+    assert "DEPTH_METRIC" in bad("TARGET_LAYERS=6", "_DEPTH_METRIC='random'")
+    assert "GQA_GROUPING" in bad("_GQA_GROUPING='hash'")
+    assert "HEAD_SCORE" in bad("_HEAD_SCORE='norm'")
     assert "both set" in bad("TARGET_PARAMS=1e5", "TARGET_FFN=64")
     assert "bigger than the source" in bad("TARGET_PARAMS=1e12")
     assert "no candidate shape" in bad("TARGET_PARAMS=1e3")
@@ -386,7 +376,7 @@ def test_bad_inputs(yarn_olmo, llama_dir, tmp_path):
     s["layer_loss"] = {}
     no_loss = tmp_path / "noloss.pt"
     torch.save(s, no_loss)
-    assert "needs per-layer losses" in bad("DEPTH_METRIC='loss'", scores_=str(no_loss))
+    assert "needs per-layer losses" in bad("_DEPTH_METRIC='loss'", scores_=str(no_loss))
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
     with pytest.raises(common.UserError, match="not writable"):

@@ -510,8 +510,12 @@ def writing(path: Path):
                 s in text for s in ("inline_container", "file write failed", "PytorchStreamWriter",
                                     "No space left", "errno")):
             raise
-        why = ("the disk holding it is full" if _disk_full(Path(path), e)
-               else getattr(e, "strerror", None) or text[:200])
+        if _disk_full(Path(path), e):
+            why = "the disk holding it is full"
+        elif isinstance(e, RuntimeError):  # torch says only "unexpected pos" or the like
+            why = f"the write stopped part-way (a full disk or a file size limit?): {text[:120]}"
+        else:
+            why = getattr(e, "strerror", None) or text[:200]
         raise UserError(f"cannot write {path}: {why}") from None
 
 

@@ -352,7 +352,7 @@ def resolve_models(cfg) -> dict:
             raise common.UserError(f"STUDENT={cfg.STUDENT!r} has no {common.RECORD} naming its "
                                    f"source model; set TEACHER")
         teacher = record["source_model"]
-        constant = f"the teacher (source_model in {Path(cfg.STUDENT) / common.RECORD})"
+        constant = f"source_model in {Path(cfg.STUDENT) / common.RECORD}"
     try:
         t_conf = common.load_config(teacher, constant)
     except common.UserError as e:
@@ -493,13 +493,27 @@ def save_state(path: Path, model, optimizer, rank: int):
     torch.save(rng_state(), path / f"rng-{rank}.pt")
 
 
+def load_tensors(path: Path, device: str = "cpu"):
+    """A checkpoint file of tensors and plain containers (torch's weights_only loader, which
+    refuses anything that would run code), or a UserError naming the file."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError) as e:
+        raise common.UserError(f"{path} is not a checkpoint file of tensors "
+                               f"({' '.join(str(e).split())[:150]}); delete {path.parent.parent} "
+                               f"to start again") from None
+
+
+def load_rng(path: Path, rank: int):
+    rng = path / f"rng-{rank}.pt"  # another number of processes: the first one's
+    set_rng_state(load_tensors(rng if rng.exists() else path / "rng-0.pt"))
+
+
 def load_state(path: Path, model, optimizer, rank: int, device: str):
     """Inverse of save_state; nothing is unpickled beyond tensors and plain containers."""
-    load = lambda name: torch.load(path / name, map_location=device, weights_only=True)  # noqa: E731
-    model.load_state_dict(load("model.pt"))
-    optimizer.load_state_dict(load("optimizer.pt"))
-    rng = path / f"rng-{rank}.pt"
-    set_rng_state(torch.load(rng if rng.exists() else path / "rng-0.pt", weights_only=True))
+    model.load_state_dict(load_tensors(path / "model.pt", device))
+    optimizer.load_state_dict(load_tensors(path / "optimizer.pt", device))
+    load_rng(path, rank)
 
 
 class SafeUnpickler(pickle.Unpickler):
@@ -562,8 +576,7 @@ def load_sharded(path: Path, model, optimizer, rank: int):
     groups = json.loads((path / "param_groups.json").read_text())
     set_state_dict(model, optimizer, model_state_dict=state["model"],
                    optim_state_dict={"state": state["optim"], "param_groups": groups})
-    rng = path / f"rng-{rank}.pt"
-    set_rng_state(torch.load(rng if rng.exists() else path / "rng-0.pt", weights_only=True))
+    load_rng(path, rank)
 
 
 def save_checkpoint(root: Path, step: int, model, optimizer, acc, shard: bool, progress: dict
@@ -578,18 +591,22 @@ def save_checkpoint(root: Path, step: int, model, optimizer, acc, shard: bool, p
         common.remove(tmp)
         tmp.mkdir(parents=True)
     acc.wait_for_everyone()
-    with common.writing(tmp):
-        if shard:
-            save_sharded(tmp, model, optimizer, rank)
-        else:
-            save_state(tmp, acc.unwrap_model(model), optimizer, rank)
-        acc.wait_for_everyone()
+    try:
+        with common.writing(tmp):
+            if shard:
+                save_sharded(tmp, model, optimizer, rank)
+            else:
+                save_state(tmp, acc.unwrap_model(model), optimizer, rank)
+            acc.wait_for_everyone()
+            if rank == 0:
+                write_progress(tmp, **progress)
+                common.remove(final)
+                tmp.rename(final)
+                for old in checkpoints(root)[:-_KEEP_CHECKPOINTS]:
+                    common.remove(old)
+    finally:
         if rank == 0:
-            write_progress(tmp, **progress)
-            common.remove(final)
-            tmp.rename(final)
-            for old in checkpoints(root)[:-_KEEP_CHECKPOINTS]:
-                common.remove(old)
+            common.remove(tmp)  # a failed write leaves no half checkpoint (gone once renamed)
     acc.wait_for_everyone()
     return final
 

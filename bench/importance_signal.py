@@ -34,12 +34,16 @@ def loss_with_zeroed(model, rows, chosen: torch.Tensor) -> float:
 
 
 def main():
-    scores_path, model_dir, eval_txt = sys.argv[1:4]
+    paths = [a for a in sys.argv[1:] if "=" not in a]
+    if len(paths) != 3:
+        raise SystemExit(__doc__)
+    cfg = common.configure(globals(), [a for a in sys.argv[1:] if "=" in a])
+    scores_path, model_dir, eval_txt = paths
     mlp = torch.load(scores_path, weights_only=True)["mlp"]
     model = common.load_model(model_dir, "cpu", torch.float32)
     tok = common.load_tokenizer(model_dir)
-    rows = common.calibration_rows(eval_txt, tok, ROWS, SEQ_LEN, seed=0)
-    k = int(FRACTION * mlp.shape[1])
+    rows = common.calibration_rows(eval_txt, tok, cfg.ROWS, cfg.SEQ_LEN, seed=0)
+    k = int(cfg.FRACTION * mlp.shape[1])
     base = loss_with_zeroed(model, rows, torch.empty(mlp.shape[0], 0, dtype=torch.long))
     low = loss_with_zeroed(model, rows, mlp.argsort(1)[:, :k])
     high = loss_with_zeroed(model, rows, mlp.argsort(1, descending=True)[:, :k])

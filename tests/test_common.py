@@ -82,3 +82,15 @@ def test_write_checkpoint_is_atomic_and_complete(olmo_dir, tmp_path):
         common.write_checkpoint(model, str(tmp_path / "no-such-source"), str(out), {"stage": "x"})
     assert common.read_record(str(out)) == {"stage": "test", "n": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_knob_budget():
+    """The per-run surface stays small: at most 8 / 16 / 18 knobs (the rest are recipe
+    constants, `_NAME`, edited in the script)."""
+    import distill
+    import importance_analysis
+    import prune
+    for module, most in ((importance_analysis, 8), (prune, 16), (distill, 18)):
+        names = common.knobs(vars(module))
+        assert 0 < len(names) <= most, (module.__name__, list(names))
+        assert common.recipe(vars(module)), module.__name__  # recorded with every artefact

@@ -1,7 +1,6 @@
 """prune.py: exactness where the maths says exact, the written checkpoint, budget search, bad input."""
 
 import json
-import shutil
 import subprocess
 
 import pytest

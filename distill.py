@@ -963,10 +963,12 @@ def main(argv: list[str]) -> dict:
     if progress:
         check_resumable(progress, saved[-1], settings, {"student": m["student_id"],
                                                         "teacher": m["teacher_id"]}, shard, world)
-    position = progress["data"] if progress else start_position()
-    stream = row_stream(cfg.DATASET, m["tokenizer"], cfg.SEQ_LEN, _SEED, held, position)
+    data = {"eval_rows": eval_rows, "position": progress["data"] if progress else start_position()}
+    data["stream"] = row_stream(cfg.DATASET, m["tokenizer"], cfg.SEQ_LEN, _SEED, held,
+                                data["position"])  # keeps data["position"] up to date
     step = progress["step"] if progress else 0
-    first = local_batch(stream, cfg.GLOBAL_BATCH, rank, world) if step < plan["stop"] else None
+    data["first"] = (local_batch(data["stream"], cfg.GLOBAL_BATCH, rank, world)
+                     if step < plan["stop"] else None)
 
     dtype = common.pick_dtype(_DTYPE, device)
     print_memory(m["s_conf"], m["t_conf"], dtype, world if shard else 1, device)
@@ -994,8 +996,8 @@ def main(argv: list[str]) -> dict:
                   f"{plan['tokens_per_step']} tokens/step = {world} processes x {plan['accum']} "
                   f"micro-batches x {cfg.BATCH_SIZE} rows; {plan['max_steps']} steps = "
                   f"{plan['max_steps'] * plan['tokens_per_step'] / 1e6:.2f}M tokens")
-    summary = train(cfg, model, teacher, optimizer, scheduler, acc, stream, first, eval_rows,
-                    plan, pairs, shard, world, rank, root, progress, position, m, settings)
+    summary = train(cfg, model, teacher, optimizer, scheduler, acc, data, plan, pairs, shard, root,
+                    progress, m)
     if summary["finished"]:
         write_output(model, acc.unwrap_model(model) if not shard else model, cfg, m, summary,
                      pairs, shard, world, out_dir)
@@ -1005,13 +1007,16 @@ def main(argv: list[str]) -> dict:
     return summary
 
 
-def train(cfg, model, teacher, optimizer, scheduler, acc, stream, first, eval_rows, plan: dict,
-          pairs: list, shard: bool, world: int, rank: int, root: Path, progress: dict | None,
-          position: dict, m: dict, settings: dict) -> dict:
+def train(cfg, model, teacher, optimizer, scheduler, acc, data: dict, plan: dict, pairs: list,
+          shard: bool, root: Path, progress: dict | None, m: dict) -> dict:
     """The training loop from the checkpoint `progress` (None: the start) to plan["stop"]:
     steps, log lines, held-out evaluations, checkpoints, and a checkpoint then a stop on the
-    first Ctrl-C or SIGTERM. Returns the run summary."""
-    dev = str(acc.device)
+    first Ctrl-C or SIGTERM. `data`: the row stream, its position, the first batch (already read,
+    so that data errors come before loading) and the held-out rows; `m`: resolve_models' result.
+    Returns the run summary."""
+    dev, world, rank = str(acc.device), acc.num_processes, acc.process_index
+    settings = {**vars(cfg), **common.recipe(globals())}
+    eval_rows, first = data["eval_rows"], data["first"]
     inner = model if shard else acc.unwrap_model(model)
     evaluating = common.is_first_process() or shard  # under FSDP every process takes part
     step, tokens = (progress["step"], progress["tokens"]) if progress else (0, 0)
@@ -1036,7 +1041,8 @@ def train(cfg, model, teacher, optimizer, scheduler, acc, stream, first, eval_ro
     with stop_requests() as request:
         while step < plan["stop"]:
             t0 = time.time()
-            rows = first if first is not None else local_batch(stream, cfg.GLOBAL_BATCH, rank, world)
+            rows = first if first is not None else local_batch(data["stream"], cfg.GLOBAL_BATCH,
+                                                               rank, world)
             first = None
             s = train_step(model, teacher, rows, plan, pairs, acc, shard, dev)
             ref_loss = s["loss"] if ref_loss is None else ref_loss
@@ -1062,7 +1068,7 @@ def train(cfg, model, teacher, optimizer, scheduler, acc, stream, first, eval_ro
             if stop or (_CHECKPOINT_EVERY and step % _CHECKPOINT_EVERY == 0) or (
                     step == plan["stop"] < plan["max_steps"]):
                 path = save_checkpoint(root, step, model, optimizer, acc, shard, dict(
-                    step=step, tokens=tokens, world=world, fsdp=shard, data=position,
+                    step=step, tokens=tokens, world=world, fsdp=shard, data=data["position"],
                     ref_loss=ref_loss, start=start, settings=settings, student=m["student_id"],
                     teacher=m["teacher_id"], scheduler=scheduler.state_dict()))
             if stop:

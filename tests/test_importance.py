@@ -250,3 +250,28 @@ def test_override_parsing():
         common.configure(ns, ["RECIPE=5"])
     with pytest.raises(TypeError, match="needs an annotation"):  # a None knob must say its type
         common.configure({"X": None}, [])
+
+
+@pytest.mark.parametrize("make_config", [olmo3_config, llama_config], ids=["olmo3", "llama-gqa"])
+def test_skip_loss_reusing_the_prefix_equals_whole_forwards(make_config, monkeypatch, capsys):
+    """Skipping layer i from the kept hidden state entering it gives the numbers of a whole
+    forward with layer i replaced by the identity; so does the fallback when states do not fit."""
+    model = make_model(make_config())
+    rows = rows_of(model, n=5, t=24)
+    base = common.skip_loss(model, rows, 2)
+    want = {i: common.skip_loss(model, rows, 2, [i]) - base
+            for i in range(model.config.num_hidden_layers)}
+    got_base, got = ia.layer_skip_losses(model, rows, 2, progress=False)
+    assert "keeping the hidden states entering each layer" in capsys.readouterr().out
+    assert got_base == pytest.approx(base, rel=1e-6) and got.keys() == want.keys()
+    assert all(got[i] == pytest.approx(want[i], abs=1e-5) for i in want)
+    # the model is left as it was: no stub remains on any layer
+    assert common.skip_loss(model, rows, 2) == pytest.approx(base, rel=1e-6)
+    assert all("forward" not in vars(layer) for layer in model.model.layers)
+    saved = []
+    monkeypatch.setattr(ia, "state_device", lambda model, rows: None)  # nowhere to keep them
+    fb_base, fb = ia.layer_skip_losses(model, rows, 2, done={0: want[0]},
+                                       save=lambda b, d: saved.append(dict(d)), progress=False)
+    assert "fit nowhere" in capsys.readouterr().out
+    assert fb_base == pytest.approx(base) and fb == pytest.approx(want)
+    assert len(saved) == len(want) - 1 and 0 in saved[0]  # layer 0 was done: not measured again

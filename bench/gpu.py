@@ -87,15 +87,20 @@ def build_teacher(path: Path, config_values: dict, device: str) -> str:
     return str(path)
 
 
+def sig(x: float) -> float:
+    """`x` to 4 significant digits (tiny shapes take milliseconds: never round them to 0)."""
+    return float(f"{x:.4g}")
+
+
 def peak_gib() -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
 
 
 def report(name: str, seconds: float, tokens: int, **extra):
     """One `stage:` line, also appended to OUT/gpu.json (partial results survive a kill)."""
-    row = {"stage": name, "seconds": round(seconds, 1), "tokens": tokens,
-           "tokens_per_s": round(tokens / seconds, 1) if seconds else None,
-           "peak_gpu_gib": round(peak_gib(), 1), **extra}
+    row = {"stage": name, "seconds": sig(seconds), "tokens": tokens,
+           "tokens_per_s": sig(tokens / seconds) if seconds else None,
+           "peak_gpu_gib": sig(peak_gib()), **extra}
     print(f"stage: {json.dumps(row)}", flush=True)
     log = OUT / "gpu.json"
     rows = json.loads(log.read_text()) if log.exists() else []
@@ -130,15 +135,15 @@ def main(argv: list[str]) -> list[dict]:
                                        f"NUM_SAMPLES={run['NUM_SAMPLES']}", "BATCH_SIZE=8",
                                        f"OUTPUT={OUT / 'scores.pt'}"])
     t = scores["time"]
-    report("importance", time.time() - t0, run["NUM_SAMPLES"] * seq, load_s=round(t["load"], 1),
-           scoring_pass_s=round(t["scores"], 1), skip_loss_s=round(t["skip_loss"], 1),
-           scoring_tokens_per_s=round(run["NUM_SAMPLES"] * seq / t["scores"], 1))
+    report("importance", time.time() - t0, run["NUM_SAMPLES"] * seq, load_s=sig(t["load"]),
+           scoring_pass_s=sig(t["scores"]), skip_loss_s=sig(t["skip_loss"]),
+           scoring_tokens_per_s=sig(run["NUM_SAMPLES"] * seq / t["scores"]))
 
     t0 = time.time()
     pruned = prune.main([f"SCORES={OUT / 'scores.pt'}", f"DATASET={data}", f"SEQ_LEN={seq}",
                          "NUM_SAMPLES=4", *run["TARGET"], f"OUTPUT={OUT / 'pruned'}"])
     report("prune", time.time() - t0, 4 * seq, params=pruned["results"][0]["params"]["total"],
-           **{k: round(v, 1) for k, v in pruned["time"].items()})
+           **{k: sig(v) for k, v in pruned["time"].items()})
 
     t0 = time.time()
     saved = (distill._CHECKPOINT_EVERY, distill._EVAL_EVERY)
@@ -150,8 +155,8 @@ def main(argv: list[str]) -> list[dict]:
                           f"OUTPUT={OUT / 'distilled'}"])
     finally:
         distill._CHECKPOINT_EVERY, distill._EVAL_EVERY = saved
-    report("distill", time.time() - t0, s["tokens"], train_tokens_per_s=round(s["tokens_per_s"], 1),
-           tflops_per_device=float(f"{s['tflops_per_device']:.4g}"), mfu=s["mfu"])
+    report("distill", time.time() - t0, s["tokens"], train_tokens_per_s=sig(s["tokens_per_s"]),
+           tflops_per_device=sig(s["tflops_per_device"]), mfu=s["mfu"])
     return json.loads((OUT / "gpu.json").read_text())
 
 

@@ -36,7 +36,11 @@ OUTPUT = "out/scores.pt"               # scores file; prune.py reads this path b
 # ---- recipe: edit here to experiment, not per run (recorded in the scores' meta) ------------
 _DTYPE = None                          # compute dtype name; None: bfloat16 on GPU, float32 on CPU
 _SEED = 0                              # shuffles the documents before packing (prune.py skips these rows)
-_STATE_MEMORY = 0.5                    # kept hidden states may use this share of free device memory
+_STATE_MEMORY = 0.5                    # kept hidden states / Grams may use this share of free memory
+_GRAM_ROWS = 128                       # calibration rows whose down_proj and o_proj inputs feed the
+                                       # Gram matrices of prune.py's least-squares repair (ffn^2 + q^2
+                                       # floats per layer: 17.6 GB for Olmo-3-7B; ~1/8 of the pass's
+                                       # FLOPs on 128 of 1024 rows); 0: none
 
 
 # ---- statistics -----------------------------------------------------------------------------
@@ -81,9 +85,13 @@ class Stats:
         self.bi_sum, self.tokens = z(n), z(())
         self.mask = None  # [B, T] of the batch in flight; None when every token is real
 
+        self.grams = None  # {key: [per-layer X^T X]} while the batch in flight feeds them
+
     def add(self, key: str, layer: int, x: torch.Tensor):
         m = row_means(x, None if self.mask is None else self.mask.to(x.device))
         self.sumsq[key][layer] += m.square().sum(0).to(self.sumsq[key].device)
+        if self.grams is not None and key in self.grams:
+            add_gram(self.grams[key][layer], x, self.mask)
 
     def add_block(self, layer: int, h_in: torch.Tensor, h_out: torch.Tensor):
         # a float32 model: the whole batch at once; bf16: row by row keeps float32 copies small
@@ -93,6 +101,32 @@ class Stats:
             if self.mask is not None:
                 d = d * self.mask[b:b + step].to(d.device)
             self.bi_sum[layer] += d.sum().to(self.bi_sum.device)
+
+
+def add_gram(gram: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None, chunk: int = 8192):
+    """gram += X^T X over the real tokens of x ([B, T, C]), in float32, `chunk` tokens at a
+    time (the float32 copy of a chunk is the only extra memory)."""
+    flat = x.flatten(0, 1)
+    if mask is not None:
+        flat = flat[mask.flatten().to(flat.device).bool()]
+    for i in range(0, len(flat), chunk):
+        c = flat[i:i + chunk].float()
+        gram += (c.T @ c).to(gram.device)
+
+
+def gram_buffers(config, device: torch.device) -> tuple[dict, str]:
+    """Zeroed per-layer Grams of the inputs to down_proj ("mlp") and o_proj ("attention"), on
+    `device` when they fit in _STATE_MEMORY of its free memory, else on the CPU."""
+    f, q = config.intermediate_size, config.num_attention_heads * common.head_dim(config)
+    need = config.num_hidden_layers * (f * f + q * q) * 4
+    where = "cpu"
+    if device.type == "cuda" and need < _STATE_MEMORY * torch.cuda.mem_get_info(device)[0]:
+        where = str(device)
+    print(f"repair statistics: Grams of the down_proj and o_proj inputs, {need / 2**30:.2f} GiB "
+          f"on {where}" + ("" if where != "cpu" or device.type == "cpu" else
+                           " (each batch's products copied there: slower)"))
+    z = lambda c: [torch.zeros(c, c, device=where) for _ in range(config.num_hidden_layers)]  # noqa: E731
+    return {"mlp": z(f), "attention": z(q)}, where
 
 
 def attach_hooks(model, family: common.Family, stats: Stats) -> list:
@@ -121,8 +155,11 @@ def attach_hooks(model, family: common.Family, stats: Stats) -> list:
 
 @torch.no_grad()
 def collect_scores(model, family: common.Family, rows: torch.Tensor, batch_size: int,
-                   mask: torch.Tensor | None = None, progress: bool = True) -> dict:
-    """One forward pass over `rows` ([N, T] token ids) -> the width and BI scores.
+                   mask: torch.Tensor | None = None, progress: bool = True,
+                   gram_rows: int = 0) -> dict:
+    """One forward pass over `rows` ([N, T] token ids) -> the width and BI scores, and with
+    `gram_rows` the Grams of the inputs to down_proj and o_proj over the batches of the first
+    `gram_rows` rows ("grams": {"mlp": [per layer], "attention": [...]}, "gram_tokens").
 
     `mask` ([N, T], 1 for real tokens) excludes padding from every statistic; None: all real.
     Only the decoder runs (no lm_head), so full-vocabulary logits are never materialised.
@@ -131,14 +168,17 @@ def collect_scores(model, family: common.Family, rows: torch.Tensor, batch_size:
     device = common.input_device(model)
     mask = torch.ones_like(rows) if mask is None else mask
     stats = Stats(config, device)
+    grams, gram_tokens = (gram_buffers(config, device)[0] if gram_rows else None), 0
     handles = attach_hooks(model, family, stats)
     try:
-        for ids, m in tqdm(zip(common.batches(rows, batch_size), common.batches(mask, batch_size)),
-                           total=math.ceil(len(rows) / batch_size), desc="importance",
-                           disable=not progress):
+        for b, (ids, m) in enumerate(tqdm(
+                zip(common.batches(rows, batch_size), common.batches(mask, batch_size)),
+                total=math.ceil(len(rows) / batch_size), desc="importance", disable=not progress)):
             m = m.to(device)
             stats.mask = None if bool(m.all()) else m
             stats.tokens += m.sum()
+            stats.grams = grams if b * batch_size < gram_rows else None
+            gram_tokens += int(m.sum()) if stats.grams is not None else 0
             # no mask for packed rows: transformers then takes its fast causal-attention path
             model.model(input_ids=ids.to(device), attention_mask=stats.mask, use_cache=False)
     finally:
@@ -155,6 +195,7 @@ def collect_scores(model, family: common.Family, rows: torch.Tensor, batch_size:
         "ffn_ln": stats.sumsq["ffn_ln"].sqrt().sum(0).cpu(),
         "layer": {i: bi[i] for i in range(n)},
         "tokens": int(stats.tokens.item()),
+        **({"grams": grams, "gram_tokens": gram_tokens} if grams else {}),
     }
 
 
@@ -289,6 +330,50 @@ def is_scores_file(path: Path) -> bool:
         return False
 
 
+def gram_path(out_path: Path) -> Path:
+    """Where the repair statistics go: next to the scores (out/scores.pt -> out/scores.gram.safetensors)."""
+    return out_path.with_name(out_path.stem + ".gram.safetensors")
+
+
+def write_grams(path: Path, grams: dict, tokens: int) -> dict:
+    """The Grams as one safetensors file ("mlp.{layer}", "attention.{layer}"; prune.py reads
+    them a layer at a time through a memory map), written atomically; returns the meta entry."""
+    from safetensors.torch import save_file
+    tensors = {f"{key}.{i}": g.cpu().contiguous() for key, per in grams.items()
+               for i, g in enumerate(per)}
+    common.write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata={
+        "stage": "importance", "tokens": str(tokens)}), is_gram_file)
+    return {"file": path.name, "tokens": tokens}
+
+
+def is_gram_file(path: Path) -> bool:
+    """Whether `path` is a Gram file this script wrote (it may be replaced)."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), "pt") as f:
+            return (f.metadata() or {}).get("stage") == "importance"
+    except Exception:  # anything unreadable is not ours
+        return False
+
+
+def scoring_pass(model, family, calib: torch.Tensor, batch_size: int, meta: dict, out_path: Path
+                 ) -> dict:
+    """collect_scores, its Grams (first _GRAM_ROWS rows) written next to OUTPUT, and the result
+    saved as OUTPUT.partial, so that an interrupt from here on keeps it."""
+    scores = collect_scores(model, family, calib, batch_size, gram_rows=_GRAM_ROWS)
+    scores.pop("tokens")
+    grams = scores.pop("grams", None)
+    meta["gram"] = (write_grams(gram_path(out_path), grams, scores.pop("gram_tokens"))
+                    if grams else None)
+    scores.update(meta=meta, layer_loss={}, base_loss=None)
+    try:
+        write_scores(partial_path(out_path), scores)
+    except BaseException:  # no Gram file without the scores that name it
+        common.remove(gram_path(out_path))
+        raise
+    return scores
+
+
 def partial_path(out_path: Path) -> Path:
     return out_path.with_name(out_path.name + ".partial")
 
@@ -364,8 +449,11 @@ def main(argv: list[str]) -> dict:
     common.at_least(cfg, 1, "NUM_SAMPLES", "BATCH_SIZE")
     common.at_least(cfg, 2, "SEQ_LEN")  # one next-token prediction per row at least
     common.at_least(cfg, 0, "LOSS_SAMPLES")
-    out_path = common.check_output(cfg.OUTPUT, "OUTPUT", {"MODEL": cfg.MODEL, "DATASET": cfg.DATASET},
-                                   is_scores_file)
+    inputs = {"MODEL": cfg.MODEL, "DATASET": cfg.DATASET}
+    out_path = common.check_output(cfg.OUTPUT, "OUTPUT", inputs, is_scores_file)
+    if _GRAM_ROWS:
+        common.check_output(str(gram_path(out_path)), "OUTPUT's repair statistics", inputs,
+                            is_gram_file)
     config = common.load_config(cfg.MODEL)
     family = common.family_of(config)
     device = common.pick_device(cfg.DEVICE)
@@ -382,10 +470,7 @@ def main(argv: list[str]) -> dict:
     print(f"model: {config.architectures} on {device} in {dtype}, loaded in {t_load:.1f}s")
     t0 = time.time()
     if partial is None:
-        scores = collect_scores(model, family, calib, cfg.BATCH_SIZE)
-        scores.pop("tokens")
-        scores.update(meta=meta, layer_loss={}, base_loss=None)
-        write_scores(partial_path(out_path), scores)  # Ctrl-C from here on keeps the pass
+        scores = scoring_pass(model, family, calib, cfg.BATCH_SIZE, meta, out_path)
     else:
         scores = partial
         print(f"resume: the scoring pass and {len(scores['layer_loss'])} skipped layers from "

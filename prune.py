@@ -35,6 +35,8 @@ TARGET_LAYERS: int | None = None       # decoder layers kept
 TARGET_PARAMS: float | None = None     # parameter budget incl. embeddings (e.g. 5e9), instead of a shape
 SEARCH_DEPTH = False                   # the budget search also drops layers (P1 Table 1: width wins)
 SAVE_TOP = 1                           # best budget candidates written: OUTPUT, OUTPUT-2, ...
+REPAIR = True                          # refit down_proj / o_proj to the kept neurons and heads by
+                                       # least squares on SCORES' statistics (when it has them)
 DATASET = "allenai/Dolci-Instruct-SFT" # held-out data: hub dataset or local .txt/.jsonl/.parquet
 NUM_SAMPLES = 16                       # held-out packed rows (zero-shot metrics, depth, ranking)
 SEQ_LEN = 4096                         # tokens per held-out row
@@ -62,6 +64,7 @@ _BUDGET_TOLERANCE = 0.05               # candidates from TARGET_PARAMS * (1 - th
 _MIN_KEEP = 0.5                        # smallest share of any axis a candidate keeps (P1: prune at
                                        # most ~30-40% at once; go further in steps)
 _NUM_CANDIDATES = 10                   # candidates built and ranked by KL (reference: top ~10)
+_REPAIR_DAMPING = 1e-3                 # ridge of the repair: this x the mean diagonal of the kept Gram
 _BATCH_SIZE = 4                        # held-out rows per forward pass
 _DTYPE = None                          # compute dtype; None: bfloat16 on GPU, float32 on CPU
 _SAVE_DTYPE = None                     # written weights; None: the source checkpoint's dtype
@@ -75,7 +78,7 @@ DEPTH_METRICS, GROUPINGS, HEAD_SCORES = ("bi", "loss", "block"), ("similarity", 
     "activation", "output")
 SCORES_KEYS = ("mlp", "attention", "attn_ln", "ffn_ln", "layer", "layer_loss", "meta")
 META_KEYS = ("stage", "model", "fingerprint", "shape", "config", "recipe", "num_samples",
-             "loss_samples")
+             "loss_samples", "gram")
 
 
 # ---- inputs ---------------------------------------------------------------------------------
@@ -484,20 +487,95 @@ def layer_weights(model, family: common.Family):
 
 def prune_one(model, scores: dict, shape: dict, layers: list[int], dtype: torch.dtype,
               grouping: str = "similarity", head_score: str = "activation",
-              norm_correction: bool = True, state: dict | None = None) -> tuple:
+              norm_correction: bool = True, state: dict | None = None, grams=None,
+              damping: float = 1e-3) -> tuple:
     """(pruned model, plan): `model` cut to `shape` keeping source layers `layers`, the units
     chosen by `scores`, the sliced weights loaded strictly into a fresh model of the pruned
-    config (saved dtype `dtype`). `state`: `model.state_dict()` when the caller has it."""
+    config (saved dtype `dtype`). `state`: `model.state_dict()` when the caller has it.
+    `grams(key, layer)` (see open_grams): repair the matrices reading pruned neurons and heads;
+    the plan then holds the repair's relative output errors (before, after) per matrix kind."""
     config = model.config
     src = common.shape_of(config)
     plan = make_plan(scores, src, shape, layers, layer_weights(model, common.family_of(config)),
                      grouping, head_score)
+    state = model.state_dict() if state is None else state
     with torch.no_grad():
-        sliced = slice_state_dict(model.state_dict() if state is None else state, plan, src,
-                                  norm_correction)
+        sliced = slice_state_dict(state, plan, src, norm_correction)
+        if grams is not None:
+            plan["repair"] = repair(sliced, state, plan, src, grams, damping)
     new_config = pruned_config(config, shape, layers, dtype)
     device = str(common.input_device(model))
     return build_model(new_config, sliced, device, model.dtype), plan
+
+
+# ---- repair: least-squares refit of what reads the pruned channels --------------------------
+
+def refit(w: torch.Tensor, gram: torch.Tensor, kept: list[int], damping: float) -> tuple:
+    """(columns A for the kept inputs, relative output error of W[:, K], of A) for y = W x.
+
+    A minimises E||W x - A x_K||^2 over the calibration tokens whose Gram is G = sum x x^T:
+    A = W G[:, K] (G_KK + lambda I)^-1, lambda = damping x mean diag(G_KK) (ridge: a singular G_KK,
+    e.g. a neuron that never fires, stays solvable). The error of any A is known from G alone,
+    tr(W G W^T) - 2 tr(A G_K: W^T) + tr(A G_KK A^T), so the repair is kept only where it is
+    smaller than plain slicing's (never worse on the calibration tokens). Float64 throughout.
+    """
+    W, G = w.double(), gram.to(w.device).double()
+    K = torch.tensor(kept, device=W.device)
+    G_K = G[K]
+    G_KK = G_K[:, K]
+    total = ((W @ G) * W).sum().clamp(min=1e-300)
+
+    def error(A):
+        return ((total - 2 * ((A @ G_K) * W).sum() + ((A @ G_KK) * A).sum()) / total).item()
+
+    sliced = W[:, K]
+    lam = damping * G_KK.diagonal().mean().clamp(min=1e-30)
+    chol, info = torch.linalg.cholesky_ex(G_KK + lam * torch.eye(len(K), dtype=G.dtype,
+                                                                 device=G.device))
+    A = torch.cholesky_solve(G_K @ W.T, chol).T if info == 0 else None
+    before = error(sliced)
+    after = error(A) if A is not None and torch.isfinite(A).all() else math.inf
+    return (A if after < before else sliced).to(w.dtype), before, min(before, after)
+
+
+def repair(sliced: dict, state: dict, plan: dict, src: dict, grams, damping: float) -> dict:
+    """Replace, in the sliced state dict, each layer's down_proj (when neurons were cut) and
+    o_proj (when heads were) by its least-squares refit on the source's statistics; rows are
+    then sliced to the kept hidden channels. An axis left whole stays exactly the original.
+    Returns {"mlp" / "attention": (mean relative error before, after)} over the layers."""
+    hd, heads = src["head_dim"], src["num_attention_heads"]
+    hidden = index(plan["hidden"], src["hidden_size"], next(iter(state.values())).device)
+    errors = {"mlp": [], "attention": []}
+    for new, i in enumerate(plan["layers"]):
+        for key, name, kept, width in (
+                ("mlp", "mlp.down_proj.weight", plan["ffn"][new], src["intermediate_size"]),
+                ("attention", "self_attn.o_proj.weight",
+                 [h * hd + d for h in plan["heads"][new] for d in range(hd)], heads * hd)):
+            if len(kept) == width:
+                continue
+            w, before, after = refit(state[f"model.layers.{i}.{name}"], grams(key, i), kept,
+                                     damping)
+            sliced[f"model.layers.{new}.{name}"] = take(w, 0, hidden)
+            errors[key].append((before, after))
+    return {k: (sum(e[0] for e in v) / len(v), sum(e[1] for e in v) / len(v))
+            for k, v in errors.items() if v}
+
+
+def open_grams(scores_path: str, meta: dict):
+    """`grams(key, layer)`: one layer's Gram from the statistics next to SCORES (memory-mapped,
+    read a layer at a time), or None when the scores have none."""
+    from safetensors import safe_open
+    if not meta["gram"]:
+        return None
+    path = Path(scores_path).with_name(meta["gram"]["file"])
+    if not path.is_file():
+        raise common.UserError(f"SCORES' repair statistics {path} are missing; rerun "
+                               f"importance_analysis.py or set REPAIR=False")
+
+    def grams(key: str, layer: int) -> torch.Tensor:
+        with safe_open(str(path), "pt") as f:
+            return f.get_tensor(f"{key}.{layer}")
+    return grams
 
 
 # ---- budget search --------------------------------------------------------------------------
@@ -566,10 +644,10 @@ def plan_shapes(cfg, src: dict, config, droppable: int) -> list[dict]:
 
 
 def score_candidates(teacher, scores: dict, shapes: list[dict], rows: torch.Tensor,
-                     protected: set[int], save_dtype: torch.dtype) -> list[dict]:
-    """Build each shape (prune_one) and measure it on the held-out `rows`; sorted by KL. The
-    teacher runs on the rows once for all candidates; a search keeps only the plans (the few
-    written are rebuilt), a single shape keeps its model."""
+                     protected: set[int], save_dtype: torch.dtype, grams) -> list[dict]:
+    """Build each shape (prune_one, repaired when `grams`) and measure it on the held-out
+    `rows`; sorted by KL. The teacher runs on the rows once for all candidates; a search keeps
+    only the plans (the few written are rebuilt), a single shape keeps its model."""
     src = common.shape_of(teacher.config)
     n = src["num_hidden_layers"]
     droppable = [i for i in range(n) if i not in protected]
@@ -584,7 +662,7 @@ def score_candidates(teacher, scores: dict, shapes: list[dict], rows: torch.Tens
                                costs.get(n_drop))
         t0 = time.time()
         student, plan = prune_one(teacher, scores, shape, layers, save_dtype, _GQA_GROUPING,
-                                  _HEAD_SCORE, _NORM_CORRECTION, state)
+                                  _HEAD_SCORE, _NORM_CORRECTION, state, grams, _REPAIR_DAMPING)
         t_slice = time.time() - t0
         metrics = common.evaluate(student, rows, _BATCH_SIZE, teacher=teacher,
                                   teacher_hidden=t_hidden, progress="held-out")
@@ -630,6 +708,7 @@ def prune_record(cfg, model: str, model_id: str, src: dict, res: dict, rank: int
         "source_shape": src, "shape": res["shape"], "rank": rank,
         "layer_types": [types_[i] for i in plan["layers"]],
         "kept": {k: plan[k] for k in ("layers", "hidden", "ffn", "heads", "kv_groups")},
+        "repair": plan.get("repair"),
         "params": {"before": before["total"], "after": res["params"]["total"],
                    "before_non_embedding": before["non_embedding"],
                    "after_non_embedding": res["params"]["non_embedding"]},
@@ -657,6 +736,11 @@ def print_summary(src: dict, best: dict, before: dict, written: list, times: dic
     print("shape: " + ", ".join(f"{v} {src[k]} -> {shape[k]}" for k, v in short.items())
           + f", head_dim {shape['head_dim']}")
     print(f"layers_kept: {best['plan']['layers']}")
+    for key, name in (("mlp", "down_proj"), ("attention", "o_proj")):
+        if key in best["plan"].get("repair", {}):
+            e0, e1 = best["plan"]["repair"][key]
+            print(f"repair_{name}: output error {e0:.4f} -> {e1:.4f} (relative, mean over layers, "
+                  f"on the calibration tokens)")
     print(f"params: {fmt_params(before['total'])} -> {fmt_params(p['total'])} "
           f"({p['total'] / before['total']:.1%})")
     print(f"params_non_embedding: {fmt_params(before['non_embedding'])} -> "
@@ -694,6 +778,9 @@ def main(argv: list[str]) -> dict:
                   else common.stored_dtype(config, dtype))
     shapes = plan_shapes(cfg, src, config, src["num_hidden_layers"] - len(protected))
     before = common.param_count(src, config)
+    grams = open_grams(cfg.SCORES, scores["meta"]) if cfg.REPAIR else None
+    if cfg.REPAIR and grams is None:
+        print("repair: SCORES has no statistics (made with _GRAM_ROWS=0): slicing only")
 
     rows = held_out_rows(cfg, common.load_tokenizer(model), scores["meta"])
     t0 = time.time()
@@ -701,7 +788,7 @@ def main(argv: list[str]) -> dict:
     times = {"load": time.time() - t0}
     print(f"model: {config.architectures} on {device} in {dtype}, loaded in {times['load']:.1f}s")
     t0 = time.time()
-    results = score_candidates(teacher, scores, shapes, rows, protected, save_dtype)
+    results = score_candidates(teacher, scores, shapes, rows, protected, save_dtype, grams)
     times["prune_and_eval"] = time.time() - t0
     search = None
     if cfg.TARGET_PARAMS is not None:
@@ -713,7 +800,7 @@ def main(argv: list[str]) -> dict:
     for rank, (res, path) in enumerate(zip(results, outputs), 1):
         student = res["model"] or prune_one(  # a search rebuilds the few it writes, one at a time
             teacher, scores, res["shape"], res["plan"]["layers"], save_dtype, _GQA_GROUPING,
-            _HEAD_SCORE, _NORM_CORRECTION, state)[0]
+            _HEAD_SCORE, _NORM_CORRECTION, state, grams, _REPAIR_DAMPING)[0]
         actual = sum(p.numel() for p in student.parameters())
         if actual != res["params"]["total"]:
             print(f"warning: counted {actual} parameters, the formula says {res['params']['total']}")

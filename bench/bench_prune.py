@@ -56,7 +56,7 @@ def fake_scores(model_dir: str, out: Path) -> str:
                 "layer_loss": {}, "base_loss": None,
                 "meta": {"stage": "importance", "model": model_dir,
                          "fingerprint": common.fingerprint(model_dir), "config": {}, "recipe": {},
-                         "num_samples": 0, "loss_samples": 0,
+                         "num_samples": 0, "loss_samples": 0, "gram": None,
                          "shape": {**common.shape_of(config), "vocab_size": config.vocab_size}}},
                out)
     return str(out)

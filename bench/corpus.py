@@ -1,6 +1,6 @@
 """Local English text for the benchmarks and real-model checks, with no download.
 
-    uv run bench/corpus.py DIR      # writes DIR/calib.txt and DIR/eval.txt
+    uv run bench/corpus.py DIR      # writes DIR/calib.txt, DIR/eval.txt and DIR/vim.txt
 
 The text is the Python language reference that ships with CPython (`pydoc_data.topics`):
 English technical prose, about 1 MB. Topics are split into two disjoint halves (sorted by name,
@@ -26,6 +26,19 @@ def write_corpus(out_dir) -> tuple[str, str]:
     return paths[0], paths[1]
 
 
+def other_domain(out_dir) -> str:
+    """Held-out text of another domain than the calibration text: Vim's user manual (the
+    usr_*.txt files Debian's vim ships), paragraphs as documents; OUT_DIR/vim.txt."""
+    files = sorted(Path("/").glob("usr/share/vim/vim*/doc/usr_*.txt"))
+    if not files:
+        raise SystemExit("no Vim user manual under /usr/share/vim (apt-get install vim-runtime)")
+    paras = [" ".join(p.split()) for f in files for p in f.read_text(errors="replace").split("\n\n")]
+    path = Path(out_dir) / "vim.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n\n".join(p for p in paras if len(p) > 200) + "\n", encoding="utf-8")
+    return str(path)
+
+
 def corpus_tokenizer(text: str, vocab_size: int = 4000):
     """A word-level tokenizer of the text's most common words, with eos (id 0) and pad (id 1),
     for the random models the benchmarks build when SmolLM2 is not installed."""
@@ -40,4 +53,5 @@ def corpus_tokenizer(text: str, vocab_size: int = 4000):
 
 
 if __name__ == "__main__":
-    print("\n".join(write_corpus(sys.argv[1] if len(sys.argv) > 1 else "out/corpus")))
+    out = sys.argv[1] if len(sys.argv) > 1 else "out/corpus"
+    print("\n".join([*write_corpus(out), other_domain(out)]))

@@ -25,6 +25,11 @@ SHAPES = {  # name: (knob overrides, prune.py recipe constants set for the run)
     "layers24_block": (["TARGET_LAYERS=24"], {"_DEPTH_METRIC": "block"}),
     "heads6": (["TARGET_HEADS=6"], {}),
     "heads6_output": (["TARGET_HEADS=6"], {"_HEAD_SCORE": "output"}),
+    # the same shapes without the least-squares repair (REPAIR=False: slicing only)
+    "ffn1024_norepair": (["TARGET_FFN=1024", "REPAIR=False"], {}),
+    "h504_ffn1024_norepair": (["TARGET_HIDDEN=504", "TARGET_FFN=1024", "REPAIR=False"], {}),
+    "heads6_norepair": (["TARGET_HEADS=6", "REPAIR=False"], {}),
+    "layers24_block_norepair": (["TARGET_LAYERS=24", "REPAIR=False"], {"_DEPTH_METRIC": "block"}),
 }
 RANDOM_SEEDS = (0, 1)  # random-kept baselines per shape
 EVAL_ARGS = ["NUM_SAMPLES=16", "SEQ_LEN=256"]
@@ -63,7 +68,7 @@ def main(model, scores, eval_txt, out_dir, names):
         knobs, constants = SHAPES[name]
         args = [f"MODEL={model}", f"DATASET={eval_txt}", *EVAL_ARGS, *knobs]
         runs = [("pare", scores)] + [(f"random{seed}", p) for seed, p in zip(RANDOM_SEEDS, rnd)]
-        if name.endswith(("_nocorr", "_loss", "_block", "_output")):
+        if name.endswith(("_nocorr", "_loss", "_block", "_output", "_norepair")):
             runs = runs[:1]  # variants of Pare's own choices: no random baseline needed
         for kind, path in runs:
             res = with_recipe(constants, prune.main,

@@ -162,7 +162,7 @@ def test_resume_refuses_another_student_or_teacher(chain, tmp_path):
     s["mlp"] = s["mlp"].flip(1)
     flipped = tmp_path / "flipped.pt"
     torch.save(s, flipped)
-    run_prune(chain, student, "TARGET_FFN=48", scores=str(flipped))
+    run_prune(chain, student, "TARGET_FFN=48", "REPAIR=False", scores=str(flipped))
     msg = error(run_distill, student, chain["data"], out, *args)
     assert "belongs to another student" in msg and f"delete {ckpts}" in msg
     run_prune(chain, student, "TARGET_FFN=32")  # another shape: the same message, no traceback
@@ -443,7 +443,8 @@ def test_distill_interrupt_writes_a_checkpoint_and_resumes(chain, tmp_path, monk
 def test_ctrl_c_is_one_line_as_users_see_it(chain, tmp_path):
     """Defect 10: Ctrl-C printed a ~70-line traceback."""
     cmd = script_cmd("distill.py", f"STUDENT={chain['student']}", f"DATASET={chain['data']}",
-                     *FAST, "MAX_STEPS=2000", "EVAL_SAMPLES=0", f"OUTPUT={tmp_path / 'd'}")
+                     *FAST, "MAX_STEPS=2000", "EVAL_SAMPLES=0", f"OUTPUT={tmp_path / 'd'}",
+                     "_ABORT_LOSS_FACTOR=1e9")  # the repaired student starts close: LR 3e-3 can jump
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     for line in proc.stdout:

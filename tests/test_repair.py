@@ -1,0 +1,132 @@
+"""The least-squares repair: identity when nothing is cut, exact on a planted dependency, never
+worse than slicing on the calibration rows, and wired through importance -> prune."""
+
+import pytest
+import torch
+
+import common
+import importance_analysis as ia
+import prune
+from conftest import llama_config, make_model, olmo3_config, recipe, save_model
+from test_prune import fake_scores, ids
+
+MAKERS = pytest.mark.parametrize("make_config", [olmo3_config, llama_config],
+                                 ids=["olmo3", "llama-gqa"])
+
+
+def grams_of(model, rows):
+    """The Grams importance_analysis collects, as prune reads them: grams(key, layer)."""
+    got = ia.collect_scores(model, common.family_of(model.config), rows, 4, progress=False,
+                            gram_rows=len(rows))
+    return lambda key, layer: got["grams"][key][layer]
+
+
+def cut(model, scores, grams, damping=1e-3, **target):
+    src = common.shape_of(model.config)
+    shape = {**src, **target}
+    if src["num_key_value_heads"] == src["num_attention_heads"]:
+        shape["num_key_value_heads"] = shape["num_attention_heads"]
+    return prune.prune_one(model, scores, shape, list(range(src["num_hidden_layers"])),
+                           torch.float32, grams=grams, damping=damping)
+
+
+@MAKERS
+def test_nothing_cut_is_the_identity(make_config):
+    model = make_model(make_config())
+    new, plan = cut(model, fake_scores(model.config), grams_of(model, ids(8, 24, seed=1)))
+    a, b = model.state_dict(), new.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert plan["repair"] == {}
+
+
+@MAKERS
+def test_a_planted_dependent_neuron_is_dropped_exactly(make_config):
+    """Neuron 5 of every layer fires exactly twice as much as neuron 3 (same gate, twice the up
+    projection): dropping 5 and folding it into 3's column loses nothing."""
+    model = make_model(make_config())
+    with torch.no_grad():
+        for block in model.model.layers:
+            block.mlp.gate_proj.weight[5] = block.mlp.gate_proj.weight[3]
+            block.mlp.up_proj.weight[5] = 2 * block.mlp.up_proj.weight[3]
+    scores = fake_scores(model.config)
+    scores["mlp"][:, 5] = 0.0  # the lowest: the one dropped
+    f = model.config.intermediate_size
+    grams = grams_of(model, ids(8, 24, seed=1))
+    repaired, plan = cut(model, scores, grams, damping=1e-10, intermediate_size=f - 1)
+    plain, _ = cut(model, scores, None, intermediate_size=f - 1)
+    assert all(5 not in kept for kept in plan["ffn"])
+    x = ids(2, 20, seed=5)  # other tokens than the statistics saw: the dependency is exact
+    with torch.no_grad():
+        want, got, sliced = (m(input_ids=x).logits for m in (model, repaired, plain))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert (sliced - want).abs().max() > 100 * (got - want).abs().max()
+    assert plan["repair"]["mlp"][1] < 1e-8 < plan["repair"]["mlp"][0]
+
+
+@MAKERS
+def test_repair_is_never_worse_than_slicing_on_the_calibration_rows(make_config):
+    model = make_model(make_config())
+    rows = ids(8, 24, seed=1)
+    scores = fake_scores(model.config)
+    grams = grams_of(model, rows)
+    target = dict(intermediate_size=48, num_attention_heads=2)
+    repaired, plan = cut(model, scores, grams, **target)
+    plain, _ = cut(model, scores, None, **target)
+    for key in ("mlp", "attention"):
+        before, after = plan["repair"][key]
+        assert 0 <= after <= before
+    kl = {name: common.evaluate(m, rows, 4, teacher=model)["kl"]
+          for name, m in (("repaired", repaired), ("plain", plain))}
+    assert kl["repaired"] <= kl["plain"]
+
+
+def test_refit_of_a_singular_gram_is_finite():
+    w = torch.randn(6, 5, dtype=torch.float64)
+    x = torch.randn(40, 5, dtype=torch.float64)
+    x[:, 2] = 0  # a neuron that never fires: a zero row and column in the Gram
+    x[:, 4] = x[:, 1]  # and two identical ones
+    a, before, after = prune.refit(w, x.T @ x, [0, 1, 2, 3], 1e-3)
+    assert torch.isfinite(a).all() and after <= before
+    zero, b0, b1 = prune.refit(w, torch.zeros(5, 5, dtype=torch.float64), [0, 1], 1e-3)
+    assert torch.isfinite(zero).all()
+
+
+def test_importance_writes_statistics_that_prune_uses(olmo_dir, text_file, tmp_path):
+    scores = tmp_path / "scores.pt"
+    s = ia.main([f"MODEL={olmo_dir}", f"DATASET={text_file}", "NUM_SAMPLES=4", "SEQ_LEN=32",
+                 "BATCH_SIZE=2", "LOSS_SAMPLES=0", f"OUTPUT={scores}"])
+    assert s["meta"]["gram"] == {"file": "scores.gram.safetensors", "tokens": 4 * 32}
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "scores.gram.safetensors"), "pt") as f:
+        assert f.get_tensor("mlp.3").shape == (96, 96) and f.get_tensor("attention.0").shape == (64, 64)
+    args = [f"SCORES={scores}", f"DATASET={text_file}", "NUM_SAMPLES=2", "SEQ_LEN=32",
+            "TARGET_FFN=48", "TARGET_HEADS=2"]
+    on = prune.main([*args, f"OUTPUT={tmp_path / 'on'}"])
+    off = prune.main([*args, "REPAIR=False", f"OUTPUT={tmp_path / 'off'}"])
+    rec = common.read_record(tmp_path / "on")
+    assert set(rec["repair"]) == {"mlp", "attention"}
+    assert common.read_record(tmp_path / "off")["repair"] is None
+    assert on["results"][0]["metrics"]["kl"] < off["results"][0]["metrics"]["kl"]
+    (tmp_path / "scores.gram.safetensors").unlink()
+    with pytest.raises(common.UserError, match="repair statistics .* are missing"):
+        prune.main([*args, f"OUTPUT={tmp_path / 'on'}"])
+    with recipe(ia, _GRAM_ROWS=0):
+        s = ia.main([f"MODEL={olmo_dir}", f"DATASET={text_file}", "NUM_SAMPLES=4", "SEQ_LEN=32",
+                     "LOSS_SAMPLES=0", f"OUTPUT={tmp_path / 'bare.pt'}"])
+    assert s["meta"]["gram"] is None and not (tmp_path / "bare.gram.safetensors").exists()
+
+
+def test_scores_of_a_saved_model_and_its_grams_agree(tmp_path, text_file):
+    """The Gram's diagonal and the mlp score describe the same activations: a neuron that
+    never fires has a zero Gram row."""
+    model = make_model(olmo3_config())
+    with torch.no_grad():
+        model.model.layers[1].mlp.gate_proj.weight[7] = 0
+        model.model.layers[1].mlp.up_proj.weight[7] = 0
+    model_dir = save_model(model, tmp_path / "m")
+    s = ia.main([f"MODEL={model_dir}", f"DATASET={text_file}", "NUM_SAMPLES=2", "SEQ_LEN=32",
+                 "LOSS_SAMPLES=0", f"OUTPUT={tmp_path / 's.pt'}"])
+    grams = prune.open_grams(str(tmp_path / "s.pt"), s["meta"])
+    g = grams("mlp", 1)
+    assert s["mlp"][1, 7] == 0 and g[7].abs().max() == 0 and g.diagonal().min() == 0
+    assert torch.allclose(g, g.T)

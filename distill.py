@@ -20,8 +20,10 @@ import json
 import math
 import pickle
 import resource
+import shutil
 import signal
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -30,7 +32,8 @@ from tqdm import tqdm
 import common
 
 # ---- knobs: per run, `NAME=value` on the command line --------------------------------------
-STUDENT = "out/pruned"                 # directory prune.py wrote (its default OUTPUT)
+STUDENT: str | list = "out/pruned"     # directory prune.py wrote; a list of them: pick the best
+SELECT_TOKENS = 20_000_000             # with several STUDENTs: tokens per candidate, first round
 TEACHER: str | None = None             # hub id or directory; None: the source in STUDENT's pare.json
 DATASET = "allenai/Dolci-Instruct-SFT" # hub dataset (messages/text column) or local .txt/.jsonl/.parquet
 EVAL_SAMPLES = 32                      # held-out rows (the first rows of DATASET, never trained on); 0: none
@@ -68,9 +71,16 @@ _STOP_AT_STEP = None                   # stop after this step with a checkpoint 
 _PEAK_TFLOPS = None                    # dense bf16 peak per device for MFU; None: known GPUs only
 _DTYPE = None                          # teacher dtype; None: bfloat16 on GPU, float32 on CPU
 _SEED = 0                              # data shuffling and the hidden-state map's init
+# Selection between several students (Minitron best practice 9: rank pruned candidates after a
+# short retraining, not zero-shot; P1 Figure 9). A funnel, i.e. successive halving (Jamieson and
+# Talwalkar, arXiv 1502.07943): after each round the better part by held-out KL goes on, with
+# _SELECT_GROWTH x the previous round's tokens, until one is left.
+_SELECT_KEEP = 0.5                     # share of the candidates kept after a round (rounded up)
+_SELECT_GROWTH = 2                     # tokens of a round / tokens of the round before
+_SELECT_FLAT = False                   # every candidate runs every round (the flat search; bench/)
 
 # Settings that may change between a run and its resumption (they do not change the losses).
-RESUMABLE = {"OUTPUT", "DEVICE", "FSDP", "_EVAL_EVERY", "_LOG_EVERY", "_CHECKPOINT_EVERY",
+RESUMABLE = {"OUTPUT", "SELECT_TOKENS", "DEVICE", "FSDP", "_EVAL_EVERY", "_LOG_EVERY", "_CHECKPOINT_EVERY",
              "_KEEP_CHECKPOINTS", "_STOP_AT_STEP", "_PEAK_TFLOPS"}  # FSDP: checked as the format
 PROGRESS_KEYS = ("format", "step", "tokens", "world", "fsdp", "data", "ref_loss", "start",
                  "settings", "student", "teacher", "scheduler")
@@ -697,6 +707,239 @@ def full_student(model, student_dir: str):
 
 
 
+# ---- selection between candidates (several STUDENTs) ----------------------------------------
+
+def select_root(cfg) -> str:
+    return f"{cfg.OUTPUT.rstrip('/')}-select"
+
+
+def candidates(cfg) -> list:
+    """The knobs of one run per student: `cfg` itself for one STUDENT; for a list, a copy per
+    directory with STUDENT set to it and OUTPUT to its own directory under OUTPUT-select."""
+    if not isinstance(cfg.STUDENT, list):
+        return [cfg]
+    dirs = cfg.STUDENT
+    if len(dirs) < 2 or not all(isinstance(d, str) and d for d in dirs):
+        raise common.UserError(f"STUDENT={dirs!r}: give one directory, or a list of two or more "
+                               f"to select between")
+    if len({Path(d).resolve() for d in dirs}) < len(dirs):
+        raise common.UserError(f"STUDENT={dirs!r} names a directory twice")
+    return [types.SimpleNamespace(**{**vars(cfg), "STUDENT": d,
+                                     "OUTPUT": str(Path(select_root(cfg)) / f"{i}-{Path(d).name}")})
+            for i, d in enumerate(dirs)]
+
+
+def check_candidates(runs: list, ms: list):
+    """Candidates are compared on one teacher's KL: the same teacher, by content."""
+    for run, m in zip(runs[1:], ms[1:]):
+        if m["teacher_id"] != ms[0]["teacher_id"]:
+            raise common.UserError(f"the candidates have different teachers ({runs[0].STUDENT!r}: "
+                                   f"{ms[0]['teacher']!r}, {run.STUDENT!r}: {m['teacher']!r}); "
+                                   f"select between students of one teacher, or set TEACHER")
+
+
+def funnel(cfg, plan: dict, n: int, shard: bool) -> list[int]:
+    """The step at which each selection round ends (the same for every candidate in it): the
+    first round SELECT_TOKENS per candidate, each next _SELECT_GROWTH x longer, as many rounds
+    as it takes _SELECT_KEEP to leave one candidate."""
+    if shard:
+        raise common.UserError("several STUDENTs are selected between without sharding: run the "
+                               "selection with FSDP=False (DDP), then shard the winner's run")
+    if not cfg.EVAL_SAMPLES:
+        raise common.UserError("several STUDENTs are ranked by held-out KL: set EVAL_SAMPLES > 0")
+    if not 0 < _SELECT_KEEP < 1 or _SELECT_GROWTH < 1:
+        raise common.UserError(f"distill.py's _SELECT_KEEP={_SELECT_KEEP} must lie in (0, 1) and "
+                               f"_SELECT_GROWTH={_SELECT_GROWTH} be at least 1")
+    per_step = plan["tokens_per_step"]
+    if cfg.SELECT_TOKENS < 0 or 0 < cfg.SELECT_TOKENS < per_step:
+        raise common.UserError(f"SELECT_TOKENS={cfg.SELECT_TOKENS} is less than one step's "
+                               f"{per_step} tokens (GLOBAL_BATCH x SEQ_LEN); 0 ranks zero-shot")
+    first, ends, alive = cfg.SELECT_TOKENS // per_step, [], n
+    while alive > 1:
+        ends.append((ends[-1] if ends else 0) + round(first * _SELECT_GROWTH ** len(ends)))
+        alive = math.ceil(alive * _SELECT_KEEP)
+    if ends[-1] > plan["max_steps"]:
+        raise common.UserError(f"the selection's {len(ends)} rounds take {ends[-1]} steps, more "
+                               f"than the run's {plan['max_steps']}: lower SELECT_TOKENS or raise "
+                               f"MAX_STEPS")
+    common.print0(f"selection: {n} candidates, {len(ends)} rounds ending at steps {ends} "
+                  f"({'flat: every candidate runs every round' if _SELECT_FLAT else 'funnel'})")
+    return ends
+
+
+def kendall_tau(a: list[float], b: list[float]) -> float | None:
+    """Kendall's rank correlation of two score lists (tau-a: tied pairs count 0)."""
+    pairs = [(i, j) for i in range(len(a)) for j in range(i + 1, len(a))]
+    if not pairs:
+        return None
+    sign = lambda x: (x > 0) - (x < 0)  # noqa: E731
+    return sum(sign(a[i] - a[j]) * sign(b[i] - b[j]) for i, j in pairs) / len(pairs)
+
+
+def ranking(entries: list[dict], r: int, among: list[int] | None = None) -> list[int]:
+    """Indices of `entries` (or of those `among` them) best first by KL after round r (-1:
+    zero-shot); ties by zero-shot KL, then by student path, so that the order the candidates
+    were given in does not count."""
+    def kl(e):
+        return e["zero_shot_kl"] if r < 0 else e["kl"][r]
+    among = range(len(entries)) if among is None else among
+    return sorted(among, key=lambda i: (kl(entries[i]), entries[i]["zero_shot_kl"],
+                                        entries[i]["student"]))
+
+
+def survivors(entries: list[dict], alive: list[int], r: int) -> list[int]:
+    if _SELECT_FLAT:
+        return alive
+    return ranking(entries, r, alive)[:math.ceil(len(alive) * _SELECT_KEEP)]
+
+
+def selection_settings(cfg, runs: list, ms: list, ends: list[int]) -> dict:
+    """What a resumed selection must share with the run that began it."""
+    return {"knobs": {k: v for k, v in vars(cfg).items() if k not in RESUMABLE - {"SELECT_TOKENS"}},
+            "recipe": common.recipe(globals()), "round_ends": ends,
+            "students": [m["student_id"] for m in ms], "teacher": ms[0]["teacher_id"]}
+
+
+def new_selection(cfg, runs: list, ms: list, ends: list[int]) -> dict:
+    """The selection's record (select_root's pare.json, and selection.json next to the winner):
+    its settings, one entry per candidate (KL per round), the rounds as they finish, the winner."""
+    entries = []
+    for run, m in zip(runs, ms):
+        shape = common.shape_of(m["s_conf"])
+        entries.append({"student": run.STUDENT, "output": run.OUTPUT, "shape": shape,
+                        "params": common.param_count(shape, m["s_conf"])["total"],
+                        "zero_shot_kl": None, "kl": []})
+    return {"stage": "distill-select", "settings": selection_settings(cfg, runs, ms, ends),
+            "candidates": entries, "rounds": [], "winner": None, "versions": common.versions(),
+            "created": common.now()}
+
+
+def write_selection(path: Path, record: dict):
+    if common.is_first_process():
+        common.write_atomic(path, lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
+
+
+def read_selection(select_dir: Path, cfg, runs: list, ms: list, ends: list[int]) -> dict:
+    """The record of the selection in `select_dir` to continue (a new one if none), refused with
+    a message naming the directory when it was begun with other settings."""
+    path = select_dir / common.RECORD
+    if not path.is_file():
+        return new_selection(cfg, runs, ms, ends)
+    try:
+        record = json.loads(path.read_text())
+        saved = record["settings"]
+        record["candidates"], record["rounds"]  # noqa: B018 (keys the resume reads)
+    except (ValueError, KeyError, TypeError) as e:
+        raise common.UserError(f"{path} is not a selection record ({e}); delete {select_dir}") from None
+    now = selection_settings(cfg, runs, ms, ends)
+    if saved != now:
+        changed = sorted(k for k in now if saved.get(k) != now[k])
+        raise common.UserError(f"{select_dir} holds a selection begun with other {changed}; "
+                               f"restore them or delete {select_dir} to start again")
+    return record
+
+
+def shape_text(shape: dict) -> str:
+    return (f"h{shape['hidden_size']} f{shape['intermediate_size']} "
+            f"a{shape['num_attention_heads']}/{shape['num_key_value_heads']} "
+            f"L{shape['num_hidden_layers']}")
+
+
+def selection_table(record: dict, r: int) -> str:
+    """The table after round r: candidates best first, KL at each round end so far, rank now
+    against the zero-shot rank, and the Kendall tau between those rankings."""
+    entries, ends = record["candidates"], record["settings"]["round_ends"][:r + 1]
+    head = (f"{'candidate':<24} {'shape':<22} {'params':>8} {'kl@0':>8} "
+            + " ".join(f"{f'kl@{e}':>8}" for e in ends) + f" {'rank':>5} {'zero-shot':>9}")
+    lines = [head]
+    zero = ranking(entries, -1)
+    now = ranking(entries, r, [i for i in range(len(entries)) if len(entries[i]["kl"]) > r])
+    for i in now + [i for i in zero if i not in now]:
+        e = entries[i]
+        kls = " ".join(f"{e['kl'][k]:>8.4f}" if k < len(e["kl"]) else f"{'-':>8}"
+                       for k in range(len(ends)))
+        rank = str(now.index(i) + 1) if i in now else "out"
+        lines.append(f"{Path(e['output']).name[:24]:<24} {shape_text(e['shape']):<22} "
+                     f"{e['params'] / 1e6:>7.2f}M {e['zero_shot_kl']:>8.4f} {kls} {rank:>5} "
+                     f"{zero.index(i) + 1:>9}")
+    tau = record["rounds"][r]["kendall_tau"] if r < len(record["rounds"]) else None
+    lines.append(f"kendall_tau: {'-' if tau is None else f'{tau:.3f}'} (zero-shot vs after "
+                 f"round {r + 1}, over its {len(now)} candidates)")
+    return "\n".join(lines)
+
+
+def shared_value(acc, value: float | None) -> float:
+    """The first process's number on every process (only it evaluates without FSDP)."""
+    if acc.num_processes == 1:
+        return value
+    t = torch.tensor(value if common.is_first_process() else 0.0, dtype=torch.float64,
+                     device=acc.device)
+    return acc.reduce(t, "sum").item()
+
+
+def adopt_checkpoint(src: Path, root: Path, output: str) -> Path:
+    """A copy of candidate checkpoint `src` as the newest one of the run `root` belongs to."""
+    final = root / src.name
+    if common.is_first_process() and not final.exists():
+        mark_checkpoint_root(root, output)
+        common.write_atomic(final, lambda tmp: shutil.copytree(src, tmp))
+    return final
+
+
+def select(cfg, runs: list, ms: list, env: dict, ends: list[int], select_dir: Path, root: Path,
+           out_dir: Path) -> dict:
+    """Distil every candidate round by round (the funnel, or flat), one at a time next to a
+    teacher loaded once, from its own checkpoints under `select_dir`; the winner's latest
+    checkpoint becomes this run's, and the winner is written to `out_dir` (trained on to the
+    schedule's end first when MAX_STEPS is set) with selection.json beside it."""
+    acc, plan = env["acc"], env["plan"]
+    record = read_selection(select_dir, cfg, runs, ms, ends)
+    entries = record["candidates"]
+    teacher = load_teacher(ms[0]["teacher"], str(acc.device), env["dtype"])
+    print_memory(ms[0]["s_conf"], ms[0]["t_conf"], env["dtype"], 1, env["device"])
+    alive = list(range(len(runs)))
+    for r, end in enumerate(ends):
+        common.print0(f"selection round {r + 1}/{len(ends)}: {len(alive)} candidates to step {end} "
+                      f"({(end - (ends[r - 1] if r else 0)) * plan['tokens_per_step']:,} tokens each)")
+        for i in alive:
+            if len(entries[i]["kl"]) > r:
+                continue  # finished by an earlier run of this selection
+            s = distill_one(runs[i], ms[i], env, Path(f"{runs[i].OUTPUT}-checkpoints"),
+                            Path(runs[i].OUTPUT), end, teacher, always_write=True)
+            entries[i]["zero_shot_kl"] = shared_value(acc, s["start"].get("kl"))
+            entries[i]["kl"].append(shared_value(acc, s["final"].get("kl")))
+            write_selection(select_dir / common.RECORD, record)
+        if len(record["rounds"]) <= r:
+            zero = [entries[i]["zero_shot_kl"] for i in alive]
+            record["rounds"].append({"end_step": end, "candidates": [entries[i]["output"] for i in alive],
+                                     "tokens_per_candidate": end * plan["tokens_per_step"],
+                                     "kendall_tau": kendall_tau(zero, [entries[i]["kl"][r] for i in alive])})
+            write_selection(select_dir / common.RECORD, record)
+        common.print0(selection_table(record, r))
+        alive = survivors(entries, alive, r)
+    best = ranking(entries, len(ends) - 1, alive)[0]
+    record["winner"] = entries[best]["output"]
+    write_selection(select_dir / common.RECORD, record)
+    common.print0(f"selection: winner {runs[best].STUDENT} (KL {entries[best]['kl'][-1]:.4f} after "
+                  f"{ends[-1]} steps; zero-shot rank {ranking(entries, -1).index(best) + 1})")
+    saved = checkpoints(Path(f"{runs[best].OUTPUT}-checkpoints"))  # none: no round trained
+    acc.wait_for_everyone()
+    if saved:
+        adopt_checkpoint(saved[-1], root, cfg.OUTPUT)
+    acc.wait_for_everyone()
+    winner = types.SimpleNamespace(**{**vars(cfg), "STUDENT": runs[best].STUDENT})
+    go_on = cfg.MAX_STEPS is not None
+    summary = distill_one(winner, ms[best], env, root, out_dir,
+                          plan["stop"] if go_on else ends[-1], teacher, always_write=not go_on)
+    if summary["output"]:
+        write_selection(out_dir / "selection.json", record)
+    if not go_on:
+        common.print0(f"selection: continue the winner's recovery from {root} with "
+                      f"`uv run distill.py STUDENT={runs[best].STUDENT!r}` and the other knobs "
+                      f"as here")
+    return {**summary, "selection": record}
+
+
 # ---- the run --------------------------------------------------------------------------------
 
 @contextlib.contextmanager
@@ -757,17 +1000,17 @@ def print_memory(s_conf, t_conf, dtype: torch.dtype, shards: int, device: str):
 
 
 def load_pair(cfg, teacher_name: str, configs: tuple, dtype: torch.dtype, device: str,
-              shard: bool, rank: int):
-    """(student in float32, ready to train; teacher in `dtype`, frozen). Under FSDP they are
-    read into CPU memory by the first process only (FSDP moves each shard to the device as it
-    cuts it); the other processes get empty models of `configs` (student's, teacher's) and
-    receive their shards later."""
+              shard: bool, rank: int, teacher=None):
+    """(student in float32, ready to train; teacher in `dtype`, frozen: `teacher` when given).
+    Under FSDP they are read into CPU memory by the first process only (FSDP moves each shard to
+    the device as it cuts it); the other processes get empty models of `configs` (student's,
+    teacher's) and receive their shards later."""
     if shard and rank > 0:
         student, teacher = empty_model(configs[0], torch.float32), empty_model(configs[1], dtype)
     else:
         where = "cpu" if shard else device
         student = common.load_model(cfg.STUDENT, where, torch.float32, "STUDENT")
-        teacher = common.load_model(teacher_name, where, dtype, "TEACHER")
+        teacher = teacher or load_teacher(teacher_name, where, dtype)
     teacher.requires_grad_(False)
     if cfg.GRADIENT_CHECKPOINTING:
         kwargs = {"use_reentrant": False}
@@ -777,6 +1020,10 @@ def load_pair(cfg, teacher_name: str, configs: tuple, dtype: torch.dtype, device
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     student.train()
     return student, teacher
+
+
+def load_teacher(name: str, device: str, dtype: torch.dtype):
+    return common.load_model(name, device, dtype, "TEACHER").requires_grad_(False)
 
 
 def build_distiller(student, teacher, record: dict, same_source: bool, dev: str, shard: bool,
@@ -945,41 +1192,68 @@ def start_processes(cfg, device: str):
 def main(argv: list[str]) -> dict:
     cfg = common.configure(globals(), argv)
     check_knobs(cfg)
-    m = resolve_models(cfg)
-    inputs = {"STUDENT": cfg.STUDENT, "TEACHER": m["teacher"], "DATASET": cfg.DATASET,
-              "_EVAL_DATASET": _EVAL_DATASET}
+    runs = candidates(cfg)  # one run's knobs per student: several when selecting between them
+    ms = [resolve_models(c) for c in runs]
+    check_candidates(runs, ms)
+    inputs = {"TEACHER": ms[0]["teacher"], "DATASET": cfg.DATASET, "_EVAL_DATASET": _EVAL_DATASET,
+              **{f"STUDENT {c.STUDENT!r}": c.STUDENT for c in runs}}
     out_dir = common.check_output(cfg.OUTPUT, "OUTPUT", inputs,
                                   lambda p: common.is_record_of(p, "distill"))
     root = common.check_output(f"{cfg.OUTPUT.rstrip('/')}-checkpoints", "OUTPUT's checkpoint "
                                "directory", inputs, is_checkpoint_root)
+    select_dir = (common.check_output(select_root(cfg), "OUTPUT's selection directory", inputs,
+                                      lambda p: common.is_record_of(p, "distill-select"))
+                  if len(runs) > 1 else None)
     device = common.pick_device(cfg.DEVICE)
     acc, world, rank, shard = start_processes(cfg, device)
     plan = schedule(cfg, world)
+    rounds = funnel(cfg, plan, len(runs), shard) if select_dir else None
     warn_small_run_traps(cfg, plan, device)
-    eval_rows, held = held_out_rows(cfg, m["tokenizer"])  # data fails before any model loads
+    eval_rows, held = held_out_rows(cfg, ms[0]["tokenizer"])  # data fails before any model loads
+    env = {"acc": acc, "world": world, "rank": rank, "shard": shard, "plan": plan,
+           "device": device, "dtype": common.pick_dtype(_DTYPE, device), "eval_rows": eval_rows,
+           "held": held}
+    if select_dir is None:
+        summary = distill_one(cfg, ms[0], env, root, out_dir, plan["stop"])
+    else:
+        summary = select(cfg, runs, ms, env, rounds, select_dir, root, out_dir)
+    acc.wait_for_everyone()
+    print_summary(summary, "cuda allocated" if device.startswith("cuda") else "process RSS")
+    return summary
+
+
+def distill_one(cfg, m: dict, env: dict, root: Path, out_dir: Path, stop: int, teacher=None,
+                always_write: bool = False) -> dict:
+    """One student's run from its latest checkpoint under `root` (none: the start) to step
+    `stop` of env["plan"]: check it may resume, read its first batch, load (the teacher too,
+    unless given), build, train, and write `out_dir` when the schedule is done (or
+    `always_write`). Returns the run summary."""
+    acc, world, rank, shard = env["acc"], env["world"], env["rank"], env["shard"]
+    plan = dict(env["plan"], stop=stop, checkpoint_at_stop=always_write or stop < env["plan"]["max_steps"])
     saved = checkpoints(root)
     progress = read_progress(saved[-1]) if saved else None
-    settings = {**vars(cfg), **common.recipe(globals())}
     if progress:
-        check_resumable(progress, saved[-1], settings, {"student": m["student_id"],
-                                                        "teacher": m["teacher_id"]}, shard, world)
-    data = {"eval_rows": eval_rows, "position": progress["data"] if progress else start_position()}
-    data["stream"] = row_stream(cfg.DATASET, m["tokenizer"], cfg.SEQ_LEN, _SEED, held,
+        check_resumable(progress, saved[-1], {**vars(cfg), **common.recipe(globals())},
+                        {"student": m["student_id"], "teacher": m["teacher_id"]}, shard, world)
+    data = {"eval_rows": env["eval_rows"],
+            "position": progress["data"] if progress else start_position()}
+    data["stream"] = row_stream(cfg.DATASET, m["tokenizer"], cfg.SEQ_LEN, _SEED, env["held"],
                                 data["position"])  # keeps data["position"] up to date
     step = progress["step"] if progress else 0
     data["first"] = (local_batch(data["stream"], cfg.GLOBAL_BATCH, rank, world)
-                     if step < plan["stop"] else None)
+                     if step < stop else None)
 
-    dtype = common.pick_dtype(_DTYPE, device)
-    print_memory(m["s_conf"], m["t_conf"], dtype, world if shard else 1, device)
+    if teacher is None:
+        print_memory(m["s_conf"], m["t_conf"], env["dtype"], world if shard else 1, env["device"])
     from accelerate.utils import set_seed
     set_seed(_SEED)
     t0 = time.time()
-    student, teacher = load_pair(cfg, m["teacher"], (m["s_conf"], m["t_conf"]), dtype,
-                                 str(acc.device), shard, rank)
+    student, teacher = load_pair(cfg, m["teacher"], (m["s_conf"], m["t_conf"]), env["dtype"],
+                                 str(acc.device), shard, rank, teacher)
     model, pairs = build_distiller(student, teacher, m["record"],
                                    m["teacher"] == m["record"].get("source_model"),
-                                   str(acc.device), shard, world, rank, device.startswith("cuda"))
+                                   str(acc.device), shard, world, rank,
+                                   env["device"].startswith("cuda"))
     optimizer, scheduler = make_optimizer(model, cfg.LR, plan)
     if not shard:
         model, optimizer = acc.prepare(model, optimizer)
@@ -988,22 +1262,21 @@ def main(argv: list[str]) -> dict:
          load_state(saved[-1], acc.unwrap_model(model), optimizer, rank, str(acc.device)))
         scheduler.load_state_dict(progress["scheduler"])
         common.print0(f"resume: {saved[-1]} (step {step}, {progress['tokens']} tokens seen)")
-    common.print0(f"models: student {m['s_conf'].architectures} {m['s_conf'].num_hidden_layers} "
-                  f"layers, teacher {m['teacher']} {m['t_conf'].num_hidden_layers} layers, on "
-                  f"{acc.device} ({world} process{'es' if world > 1 else ''}), loaded in "
-                  f"{time.time() - t0:.1f}s")
+    common.print0(f"models: student {cfg.STUDENT} {m['s_conf'].architectures} "
+                  f"{m['s_conf'].num_hidden_layers} layers, teacher {m['teacher']} "
+                  f"{m['t_conf'].num_hidden_layers} layers, on {acc.device} ({world} "
+                  f"process{'es' if world > 1 else ''}), loaded in {time.time() - t0:.1f}s")
     common.print0(f"batch: {cfg.GLOBAL_BATCH} rows x {cfg.SEQ_LEN} tokens = "
                   f"{plan['tokens_per_step']} tokens/step = {world} processes x {plan['accum']} "
                   f"micro-batches x {cfg.BATCH_SIZE} rows; {plan['max_steps']} steps = "
                   f"{plan['max_steps'] * plan['tokens_per_step'] / 1e6:.2f}M tokens")
     summary = train(cfg, model, teacher, optimizer, scheduler, acc, data, plan, pairs, shard, root,
                     progress, m)
-    if summary["finished"]:
+    if summary["finished"] or always_write:
         write_output(model, acc.unwrap_model(model) if not shard else model, cfg, m, summary,
                      pairs, shard, world, out_dir)
         summary["output"] = str(out_dir)
-    acc.wait_for_everyone()
-    print_summary(summary, "cuda allocated" if device.startswith("cuda") else "process RSS")
+    acc.free_memory()  # the accelerator forgets this student and its optimizer
     return summary
 
 
@@ -1036,7 +1309,8 @@ def train(cfg, model, teacher, optimizer, scheduler, acc, data: dict, plan: dict
                   f"{', teacher forward 1x' if t_flops else ', no teacher'}); MFU against "
                   f"{f'{peak:g} TFLOP/s per device' if peak else 'no known peak (_PEAK_TFLOPS)'}")
 
-    losses, metrics, t_train, tok_run = [], start, 0.0, 0
+    # the held-out metrics of the last step: at step 0 the start's; a resumed run measures again
+    losses, metrics, t_train, tok_run = [], start if step == 0 else {}, 0.0, 0
     bar = tqdm(total=plan["stop"], initial=step, desc="distill", disable=not common.is_first_process())
     with stop_requests() as request:
         while step < plan["stop"]:
@@ -1066,7 +1340,7 @@ def train(cfg, model, teacher, optimizer, scheduler, acc, data: dict, plan: dict
             if world > 1:  # every process stops at the same step
                 stop = bool(acc.reduce(torch.tensor(float(stop), device=dev), "sum").item())
             if stop or (_CHECKPOINT_EVERY and step % _CHECKPOINT_EVERY == 0) or (
-                    step == plan["stop"] < plan["max_steps"]):
+                    step == plan["stop"] and plan["checkpoint_at_stop"]):
                 path = save_checkpoint(root, step, model, optimizer, acc, shard, dict(
                     step=step, tokens=tokens, world=world, fsdp=shard, data=data["position"],
                     ref_loss=ref_loss, start=start, settings=settings, student=m["student_id"],
@@ -1076,6 +1350,8 @@ def train(cfg, model, teacher, optimizer, scheduler, acc, data: dict, plan: dict
                 raise common.Interrupted(f"stopped after step {step}: checkpoint {path}; run the "
                                          f"same command again to resume")
     bar.close()
+    if not metrics and len(eval_rows) and evaluating:  # resumed at the last step: nothing ran
+        metrics = held_out(inner, eval_rows, teacher, acc, cfg.BATCH_SIZE)
     tok_s = tok_run / t_train if tok_run else 0.0
     tflops = tok_s * flops_token / world / 1e12  # per device
     return {"steps": step, "max_steps": plan["max_steps"], "tokens": tokens, "losses": losses,

@@ -2,9 +2,10 @@
 model, and of the same shape with random units kept (the scores file with every score replaced by
 random numbers, pruned by the same code).
 
-    uv run bench/real_prune.py MODEL SCORES EVAL_TXT OUT_DIR [SHAPE ...]
+    uv run bench/real_prune.py MODEL SCORES EVAL_TXT OUT_DIR [SHAPE ...] [--no-random]
 
-SHAPE names are keys of SHAPES (default: all). Prints one `key: value` line per run and a table.
+SHAPE names are keys of SHAPES (default: all); `--no-random` skips the random baselines. Prints
+one `key: value` line per run and a table.
 """
 
 import sys
@@ -56,18 +57,23 @@ def random_scores(path: str, seed: int, out: str) -> str:
     for key in ("layer", "layer_loss"):
         s[key] = {i: torch.rand(1, generator=g).item() for i in s[key]}
     torch.save(s, out)
+    gram = s["meta"].get("gram")
+    if gram:  # the same repair statistics (they do not depend on the scores)
+        link = Path(out).with_name(gram["file"])
+        if not link.exists():
+            link.symlink_to(Path(path).resolve().with_name(gram["file"]))
     return out
 
 
-def main(model, scores, eval_txt, out_dir, names):
+def main(model, scores, eval_txt, out_dir, names, seeds=RANDOM_SEEDS):
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rnd = [random_scores(scores, seed, str(out / f"random{seed}.pt")) for seed in RANDOM_SEEDS]
+    rnd = [random_scores(scores, seed, str(out / f"random{seed}.pt")) for seed in seeds]
     table = []
     for name in names:
         knobs, constants = SHAPES[name]
         args = [f"MODEL={model}", f"DATASET={eval_txt}", *EVAL_ARGS, *knobs]
-        runs = [("pare", scores)] + [(f"random{seed}", p) for seed, p in zip(RANDOM_SEEDS, rnd)]
+        runs = [("pare", scores)] + [(f"random{seed}", p) for seed, p in zip(seeds, rnd)]
         if name.endswith(("_nocorr", "_loss", "_block", "_output", "_norepair")):
             runs = runs[:1]  # variants of Pare's own choices: no random baseline needed
         for kind, path in runs:
@@ -84,5 +90,6 @@ def main(model, scores, eval_txt, out_dir, names):
 
 
 if __name__ == "__main__":
-    a = sys.argv[1:]
-    main(*a[:4], a[4:] or [n for n in SHAPES if n != "layers24_block"])
+    a = [x for x in sys.argv[1:] if x != "--no-random"]
+    main(*a[:4], a[4:] or [n for n in SHAPES if n != "layers24_block"],
+         () if "--no-random" in sys.argv else RANDOM_SEEDS)

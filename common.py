@@ -871,6 +871,16 @@ def read_record(model_dir: str, required: tuple = (), constant: str = "STUDENT")
     return record
 
 
+def lineage(model: str, shape: dict, model_id: str, constant: str) -> list[dict]:
+    """`model`'s ancestors back to the original model, oldest first, then `model` itself: each
+    {"model", "stage" (the Pare stage that wrote it; "original" if none), "shape", "fingerprint"}.
+    A model Pare did not write (or a hub id) begins a new lineage."""
+    record = read_record(model, constant=constant) if Path(model).is_dir() else None
+    ancestors = list((record or {}).get("lineage") or [])
+    return ancestors + [{"model": model, "stage": (record or {}).get("stage", "original"),
+                         "shape": shape, "fingerprint": model_id}]
+
+
 def versions() -> dict:
     """Versions of the packages that shape the numbers, for every artefact's record."""
     out = {"python": sys.version.split()[0]}

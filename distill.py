@@ -4,6 +4,7 @@
     uv run distill.py DATASET=notes.txt SEQ_LEN=256 GLOBAL_BATCH=8 MAX_STEPS=100
     uv run accelerate launch --num_processes 8 distill.py    # 8 GPUs (DDP), same knobs
     uv run accelerate launch --num_processes 8 distill.py FSDP=True   # both models sharded
+    uv run distill.py STUDENT="['out/pruned', 'out/pruned-2']"     # select, then the winner
 
 Trains STUDENT (prune.py's output; its `pare.json` names the teacher unless TEACHER is set) on
 DATASET packed to SEQ_LEN, with forward KL(teacher || student) on the logits at temperature 1
@@ -12,7 +13,8 @@ logits never exist for the whole batch; plus a cosine loss on mapped hidden stat
 depth cut is large. AdamW, warmup then cosine decay, GLOBAL_BATCH rows per step over all
 processes and accumulation. Checkpoints (also on the first Ctrl-C or SIGTERM) resume with the
 same losses when the same command runs again. Writes OUTPUT, an HF directory whose `pare.json`
-extends the student's with a "distill" entry.
+extends the student's with a "distill" entry. Several STUDENTs: each is distilled briefly and
+the better ones longer (a funnel by held-out KL), and the best goes on as the run.
 """
 
 import contextlib
@@ -1139,7 +1141,9 @@ def write_output(model, inner, cfg, m: dict, summary: dict, pairs: list, shard: 
     if student is None:
         return
     record = dict(m["record"]) if m["record"] else {"source_model": m["teacher"]}
-    record.update(stage="distill", versions=common.versions(), distill={
+    shape = common.shape_of(m["s_conf"])
+    record.update(stage="distill", versions=common.versions(), lineage=common.lineage(
+        cfg.STUDENT, shape, m["student_id"], "STUDENT"), distill={
         "config": vars(cfg), "recipe": common.recipe(globals()), "student": cfg.STUDENT,
         "student_fingerprint": m["student_id"], "teacher": m["teacher"],
         "teacher_fingerprint": m["teacher_id"], "steps": summary["steps"],

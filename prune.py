@@ -704,7 +704,8 @@ def prune_record(cfg, model: str, model_id: str, src: dict, res: dict, rank: int
     plan = res["plan"]
     return {
         "stage": "prune", "source_model": model, "source_fingerprint": model_id,
-        "scores": cfg.SCORES, "config": vars(cfg), "recipe": common.recipe(globals()),
+        "lineage": common.lineage(model, src, model_id, "MODEL"), "scores": cfg.SCORES,
+        "config": vars(cfg), "recipe": common.recipe(globals()),
         "source_shape": src, "shape": res["shape"], "rank": rank,
         "layer_types": [types_[i] for i in plan["layers"]],
         "kept": {k: plan[k] for k in ("layers", "hidden", "ffn", "heads", "kv_groups")},

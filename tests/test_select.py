@@ -3,16 +3,17 @@
 import json
 import os
 import signal
-from pathlib import Path
 
 import pytest
 import torch
 
 import common
 import distill
-from conftest import make_tokenizer, save_model
+import importance_analysis as ia
+import prune
+from conftest import (llama_config, make_model, make_tokenizer, olmo3_config, recipe, save_model,
+                      split_args)
 from test_distill import FAST, make_teacher, prune_like, write_student
-from conftest import recipe, split_args
 
 SELECT = ["SELECT_TOKENS=256", "_EVAL_EVERY=1000"]  # 128 tokens a step: rounds end at 2, 6
 
@@ -165,3 +166,50 @@ def test_bad_selection_inputs(family, tmp_path, monkeypatch):
                                                              "MAX_STEPS=1")
     assert "set EVAL_SAMPLES > 0" in error(run, names, data, tmp_path / "o", "EVAL_SAMPLES=0")
     assert not any((tmp_path / n).exists() for n in ("o", "o-checkpoints", "o-select"))
+
+
+@pytest.mark.parametrize("make_config,second_cut", [(olmo3_config, "TARGET_LAYERS=3"),
+                                                    (llama_config, "TARGET_HEADS=2")])
+def test_a_family_prune_distill_prune_distill(make_config, second_cut, tmp_path):
+    """Best practice 1: prune+distill, then the same on the distilled model; every record keeps
+    the lineage back to the original, whose model is still accepted as the teacher."""
+    from transformers import AutoModelForCausalLM
+    original = save_model(make_model(make_config(), seed=5), tmp_path / "original")
+    data = tmp_path / "corpus.txt"
+    from conftest import TEXT
+    data.write_text("\n\n".join(TEXT.splitlines() * 20), encoding="utf-8")
+    knobs, private = split_args(FAST)
+
+    def generation(model, name, *cut):
+        scores = tmp_path / f"{name}-scores.pt"
+        ia.main([f"MODEL={model}", f"DATASET={data}", "NUM_SAMPLES=4", "SEQ_LEN=32",
+                 "LOSS_SAMPLES=2", f"OUTPUT={scores}"])
+        pruned = tmp_path / f"{name}-pruned"
+        prune.main([f"MODEL={model}", f"SCORES={scores}", f"DATASET={data}", "NUM_SAMPLES=2",
+                    "SEQ_LEN=32", *cut, f"OUTPUT={pruned}"])
+        with recipe(distill, **private):
+            distill.main([f"STUDENT={pruned}", f"DATASET={data}", f"OUTPUT={tmp_path / name}",
+                          "MAX_STEPS=2", *knobs])
+        return str(pruned), str(tmp_path / name)
+
+    pruned1, first = generation(original, "first", "TARGET_FFN=64")
+    pruned2, second = generation(first, "second", "TARGET_FFN=48", second_cut)
+    rec = common.read_record(second)
+    assert [(a["model"], a["stage"]) for a in rec["lineage"]] == [
+        (original, "original"), (pruned1, "prune"), (first, "distill"), (pruned2, "prune")]
+    assert rec["source_model"] == first and rec["distill"]["teacher"] == first  # the immediate source
+    assert rec["lineage"][0]["shape"]["intermediate_size"] == 96
+    assert [a["shape"]["intermediate_size"] for a in rec["lineage"]] == [96, 64, 64, 48]
+    model = AutoModelForCausalLM.from_pretrained(second)
+    conf = model.config
+    assert conf.intermediate_size == 48
+    if conf.model_type == "olmo3":
+        assert conf.num_hidden_layers == 3 and len(conf.layer_types) == 3
+    else:
+        assert conf.num_attention_heads == 2
+    # any ancestor is accepted as the teacher
+    with recipe(distill, **private):
+        s = distill.main([f"STUDENT={pruned2}", f"TEACHER={original}", f"DATASET={data}",
+                          f"OUTPUT={tmp_path / 'from-original'}", "MAX_STEPS=2", *knobs])
+    assert s["finished"] and common.read_record(tmp_path / "from-original")["distill"][
+        "teacher"] == original

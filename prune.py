@@ -4,6 +4,7 @@
     uv run prune.py TARGET_LAYERS=28                        # depth: the cheapest contiguous run
     uv run prune.py TARGET_KV_HEADS=8                       # MHA -> GQA: K/V mean-pooled per group
     uv run prune.py TARGET_PARAMS=5e9 SAVE_TOP=3            # a parameter budget: search, rank, write 3
+    uv run prune.py TARGET_SPEEDUP=1.6                      # decode 1.6x faster here, least KL
 
 Reads SCORES (importance_analysis.py's output) and the model it was made from (MODEL, checked by
 content), keeps the highest-scored units of every axis (neurons and heads per layer, one set of
@@ -11,11 +12,15 @@ hidden channels for the whole model, layers by the recipe's depth metric), loads
 weights strictly into a fresh model of the pruned config and writes an ordinary Hugging Face
 directory with `pare.json`, the record distill.py reads. With TARGET_PARAMS, candidate shapes on
 the recipe's grids are ranked by KL(teacher || candidate) on held-out rows of DATASET (after the
-rows the scores used) and the best SAVE_TOP written as OUTPUT, OUTPUT-2, ...
+rows the scores used) and the best SAVE_TOP written as OUTPUT, OUTPUT-2, ...; TARGET_SPEEDUP
+first keeps the shapes whose decode, timed on this device, is that much faster.
 """
 
 import itertools
+import json
 import math
+import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -33,8 +38,9 @@ TARGET_HEADS: int | None = None        # query heads per layer; divisible by the
 TARGET_KV_HEADS: int | None = None     # kv heads; below the source's: K/V mean-pooled per group
 TARGET_LAYERS: int | None = None       # decoder layers kept
 TARGET_PARAMS: float | None = None     # parameter budget incl. embeddings (e.g. 5e9), instead of a shape
-SEARCH_DEPTH = False                   # the budget search also drops layers (P1 Table 1: width wins)
-SAVE_TOP = 1                           # best budget candidates written: OUTPUT, OUTPUT-2, ...
+TARGET_SPEEDUP: float | None = None    # decode at batch 1 this many x faster than MODEL, measured
+                                       # here (a search over depth and width; with TARGET_PARAMS too)
+SAVE_TOP = 1                           # best searched candidates written: OUTPUT, OUTPUT-2, ...
 REPAIR = True                          # refit down_proj / o_proj to the kept neurons and heads by
                                        # least squares on SCORES' statistics (when it has them)
 DATASET = "allenai/Dolci-Instruct-SFT" # held-out data: hub dataset or local .txt/.jsonl/.parquet
@@ -59,11 +65,21 @@ _NORM_CORRECTION = True                # scale kept hidden-size norm gains by sq
 _HIDDEN_STEP = 256                     # budget search grids (reference search: hidden 256, ffn 512,
 _FFN_STEP = 512                        # layers 2)
 _LAYER_STEP = 2
+_SEARCH_DEPTH = False                  # the budget search also drops layers (P1 Table 1: width wins)
 _SEARCH_HEADS = False                  # the budget search also tries fewer query heads
 _BUDGET_TOLERANCE = 0.05               # candidates from TARGET_PARAMS * (1 - this) up to TARGET_PARAMS
 _MIN_KEEP = 0.5                        # smallest share of any axis a candidate keeps (P1: prune at
                                        # most ~30-40% at once; go further in steps)
 _NUM_CANDIDATES = 10                   # candidates built and ranked by KL (reference: top ~10)
+# Latency (Nemotron-Flash, arXiv 2511.18890: fewer parameters need not mean proportionally
+# faster). A fixed workload timed on random weights of each candidate's shape (the time does not
+# depend on the values); a TARGET_SPEEDUP search always tries fewer layers and heads too.
+_LATENCY_PROMPT = 1024                 # prompt tokens, one prefill forward
+_LATENCY_NEW_TOKENS = 64               # then tokens decoded one at a time with the KV cache
+_LATENCY_BATCHES = (1, 16)             # batch sizes timed; TARGET_SPEEDUP is the first one's decode
+_LATENCY_WARMUP = 2                    # untimed runs, then the median of _LATENCY_REPEATS timed ones
+_LATENCY_REPEATS = 5
+_SPEEDUP_TOLERANCE = 0.15              # candidates from TARGET_SPEEDUP up to 1.15 x it
 _REPAIR_DAMPING = 1e-3                 # ridge of the repair: this x the mean diagonal of the kept Gram
 _BATCH_SIZE = 4                        # held-out rows per forward pass
 _DTYPE = None                          # compute dtype; None: bfloat16 on GPU, float32 on CPU
@@ -193,14 +209,18 @@ def check_knobs(cfg):
                                    f"give a parameter budget or a shape, not both")
         if cfg.TARGET_PARAMS <= 0:
             raise common.UserError(f"TARGET_PARAMS={cfg.TARGET_PARAMS!r} must be a positive number")
-        if cfg.SAVE_TOP > _NUM_CANDIDATES:
-            raise common.UserError(f"SAVE_TOP={cfg.SAVE_TOP} exceeds the {_NUM_CANDIDATES} "
-                                   f"candidates ranked (_NUM_CANDIDATES)")
-    elif cfg.SAVE_TOP != 1:
-        raise common.UserError("SAVE_TOP applies to a TARGET_PARAMS search only")
-    elif cfg.SEARCH_DEPTH:
-        raise common.UserError("SEARCH_DEPTH applies to a TARGET_PARAMS search only; for a shape "
-                               "set TARGET_LAYERS")
+    if cfg.TARGET_SPEEDUP is not None:
+        if shape_targets:
+            raise common.UserError(f"TARGET_SPEEDUP and {', '.join(shape_targets)} are both set: "
+                                   f"give a speed-up (and a budget) or a shape, not both")
+        if cfg.TARGET_SPEEDUP <= 1:
+            raise common.UserError(f"TARGET_SPEEDUP={cfg.TARGET_SPEEDUP!r} must be above 1 (the "
+                                   f"source's decode time / the candidate's)")
+    if cfg.TARGET_PARAMS is None and cfg.TARGET_SPEEDUP is None and cfg.SAVE_TOP != 1:
+        raise common.UserError("SAVE_TOP applies to a TARGET_PARAMS or TARGET_SPEEDUP search only")
+    if cfg.SAVE_TOP > _NUM_CANDIDATES:
+        raise common.UserError(f"SAVE_TOP={cfg.SAVE_TOP} exceeds the {_NUM_CANDIDATES} "
+                               f"candidates ranked (_NUM_CANDIDATES)")
 
 
 def output_paths(cfg, inputs: dict) -> list[Path]:
@@ -586,18 +606,16 @@ def grid(src_value: int, step: int, min_keep: float) -> list[int]:
     return [src_value] + [m * step for m in range((src_value - 1) // step, 0, -1) if m * step >= lo]
 
 
-def candidate_shapes(budget: float, src: dict, config, droppable: int, depth: bool,
-                     heads: bool) -> tuple[list[dict], list[dict]]:
-    """(all shapes on the recipe's grids within _BUDGET_TOLERANCE under `budget`, sorted by
-    size; the _NUM_CANDIDATES of them spread evenly over that window). `depth` / `heads`: also
-    fewer layers / query heads."""
+def grid_shapes(src: dict, config, droppable: int, depth: bool, heads: bool) -> list[dict]:
+    """Every shape on the recipe's grids (with its parameter count), largest first. `depth` /
+    `heads`: also fewer layers / query heads."""
     head_grid = ([h for h in grid(src["num_attention_heads"], 1, _MIN_KEEP)
                   if h % src["num_key_value_heads"] == 0] if heads
                  else [src["num_attention_heads"]])
     n = src["num_hidden_layers"]
     layer_grid = ([k for k in range(n, 0, -_LAYER_STEP) if k >= _MIN_KEEP * n and n - k <= droppable]
                   if depth else [n])
-    window = []
+    shapes = []
     for h, f, nh, k in itertools.product(grid(src["hidden_size"], _HIDDEN_STEP, _MIN_KEEP),
                                          grid(src["intermediate_size"], _FFN_STEP, _MIN_KEEP),
                                          head_grid, layer_grid):
@@ -605,42 +623,259 @@ def candidate_shapes(budget: float, src: dict, config, droppable: int, depth: bo
                  "num_hidden_layers": k}
         if config.model_type in ("llama", "mistral") and h % nh:
             continue
-        p = common.param_count(shape, config)["total"]
-        if budget * (1 - _BUDGET_TOLERANCE) <= p <= budget:
-            window.append({**shape, "params": p})
-    window.sort(key=lambda s: -s["params"])
-    k = min(_NUM_CANDIDATES, len(window))
-    picks = sorted({round(i * (len(window) - 1) / max(k - 1, 1)) for i in range(k)})
-    return window, [window[i] for i in picks]
+        shapes.append({**shape, "params": common.param_count(shape, config)["total"]})
+    return sorted(shapes, key=lambda s: -s["params"])
 
 
-def plan_shapes(cfg, src: dict, config, droppable: int) -> list[dict]:
-    """The shapes to build: the target shape, or the budget search's candidates."""
-    if cfg.TARGET_PARAMS is None:
+def spread(window: list, k: int) -> list:
+    """k items of `window` spread evenly over it, its first and last included."""
+    k = min(k, len(window))
+    return [window[i] for i in sorted({round(i * (len(window) - 1) / max(k - 1, 1))
+                                       for i in range(k)})]
+
+
+def candidate_shapes(budget: float, src: dict, config, droppable: int, depth: bool,
+                     heads: bool) -> tuple[list[dict], list[dict]]:
+    """(all shapes on the recipe's grids within _BUDGET_TOLERANCE under `budget`, sorted by
+    size; the _NUM_CANDIDATES of them spread evenly over that window)."""
+    window = [s for s in grid_shapes(src, config, droppable, depth, heads)
+              if budget * (1 - _BUDGET_TOLERANCE) <= s["params"] <= budget]
+    return window, spread(window, _NUM_CANDIDATES)
+
+
+# ---- latency --------------------------------------------------------------------------------
+
+def workload() -> dict:
+    return {"prompt": _LATENCY_PROMPT, "new_tokens": _LATENCY_NEW_TOKENS,
+            "batches": list(_LATENCY_BATCHES), "warmup": _LATENCY_WARMUP,
+            "repeats": _LATENCY_REPEATS}
+
+
+def latency_config(config, shape: dict, protected: set[int]):
+    """The config a candidate of `shape` would get, for timing: the layers it drops are taken
+    from the unprotected ones (which ones does not change the time, only how many of each
+    attention type remain)."""
+    n, keep = config.num_hidden_layers, shape["num_hidden_layers"]
+    free = [i for i in range(n) if i not in protected]
+    dropped = set(free[len(free) - (n - keep):]) if n > keep else set()
+    return pruned_config(config, shape, [i for i in range(n) if i not in dropped], torch.float32)
+
+
+def measure_latency(config, device: str, dtype: torch.dtype, work: dict) -> dict:
+    """Milliseconds of the workload on a model of `config` with random weights: one prefill
+    forward of work["prompt"] tokens (only the last position's logits, as a server computes)
+    and work["new_tokens"] greedy decode steps with the KV cache, per batch size; the median of
+    the timed repeats, CUDA synchronised. The one place that times a shape: an engine-specific
+    measurement (e.g. vLLM's) would replace this function.
+    Returns {"prefill_ms": {batch: ms}, "decode_ms": {batch: ms per token}}."""
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    out = {"prefill_ms": {}, "decode_ms": {}}
+    for b in work["batches"]:
+        ids = torch.randint(config.vocab_size, (b, work["prompt"]), device=device)
+
+        def once():
+            with torch.no_grad():
+                sync()
+                t0 = time.perf_counter()
+                o = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+                sync()
+                t1 = time.perf_counter()
+                for _ in range(work["new_tokens"]):
+                    nxt = o.logits[:, -1:].argmax(-1)
+                    o = model(input_ids=nxt, past_key_values=o.past_key_values, use_cache=True)
+                sync()
+                return t1 - t0, (time.perf_counter() - t1) / max(work["new_tokens"], 1)
+        for _ in range(work["warmup"]):
+            once()
+        runs = [once() for _ in range(work["repeats"])]
+        out["prefill_ms"][str(b)] = 1e3 * statistics.median(r[0] for r in runs)
+        out["decode_ms"][str(b)] = 1e3 * statistics.median(r[1] for r in runs)
+    return out
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"{platform.processor() or platform.machine()} cpu, {torch.get_num_threads()} threads"
+
+
+def latency_key(config, device: str, dtype: torch.dtype, work: dict) -> str:
+    """What a measurement depends on: device, dtype, library versions, workload and shape."""
+    c = config.to_dict()
+    arch = {k: c.get(k) for k in ("model_type", "vocab_size", "tie_word_embeddings",
+                                  "sliding_window", "layer_types", *common.SHAPE_KEYS)}
+    return json.dumps({"device": device_name(device), "dtype": str(dtype),
+                       "torch": torch.__version__, "transformers": common.versions()["transformers"],
+                       "workload": work, "shape": arch}, sort_keys=True)
+
+
+def read_latency_cache(path: Path) -> dict:
+    """{key: measurement} of prune.py's latency cache (empty when there is none yet)."""
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+        assert data["stage"] == "latency-cache"
+        return dict(data["entries"])
+    except (ValueError, KeyError, AssertionError, TypeError):
+        raise common.UserError(f"{path} is not prune.py's latency cache; move it away (prune.py "
+                               f"keeps its measurements there, next to OUTPUT)") from None
+
+
+def write_latency_cache(path: Path, entries: dict):
+    text = json.dumps({"stage": "latency-cache", "entries": entries}, indent=1, sort_keys=True)
+    common.write_atomic(path, lambda tmp: tmp.write_text(text + "\n"))
+
+
+def measure_shapes(config, shapes: list[dict], protected: set[int], device: str,
+                   dtype: torch.dtype, cache_path: Path) -> tuple[dict, list[dict]]:
+    """(the source's measurement, one per shape), each from the cache when it holds one; new
+    measurements are added to the cache as they finish."""
+    work, cache = workload(), read_latency_cache(cache_path)
+    todo = [config] + [latency_config(config, s, protected) for s in shapes]
+    keys = [latency_key(c, device, dtype, work) for c in todo]
+    missing = [k for k in dict.fromkeys(keys) if k not in cache]
+    print(f"latency: {len(set(keys))} shapes, {len(set(keys)) - len(missing)} from {cache_path}, "
+          f"measuring {len(missing)} on {device_name(device)} in {dtype}")
+    for c, k in tqdm(list(zip(todo, keys)), desc="latency", disable=not missing):
+        if k not in cache:
+            cache[k] = measure_latency(c, device, dtype, work)
+            write_latency_cache(cache_path, cache)
+    return cache[keys[0]], [cache[k] for k in keys[1:]]
+
+
+def speedup(source: dict, candidate: dict) -> float:
+    """Decode time of the source / the candidate's, at the first batch size."""
+    b = str(_LATENCY_BATCHES[0])
+    return source["decode_ms"][b] / candidate["decode_ms"][b]
+
+
+def frontier(points: list[tuple[float, float]]) -> list[bool]:
+    """Which (speed-up, KL) points no other point beats: as fast or faster with lower or equal
+    KL, better in one of the two."""
+    return [not any(s2 >= s and k2 <= k and (s2 > s or k2 < k) for s2, k2 in points)
+            for s, k in points]
+
+
+def add_latency(results: list[dict], shapes: list[dict], lat: dict):
+    """Each result's measured latency (lat["shapes"] follows `shapes`) and whether it is on the
+    (speed-up, KL) frontier of the ranked candidates."""
+    by_shape = {json.dumps(s, sort_keys=True): m for s, m in zip(shapes, lat["shapes"])}
+    for r in results:
+        r["latency"] = dict(by_shape[json.dumps(r["shape"], sort_keys=True)])
+    on = frontier([(r["latency"]["speedup"], r["metrics"]["kl"]) for r in results])
+    for r, f in zip(results, on):
+        r["latency"]["frontier"] = f
+
+
+def print_latency_table(results: list[dict]):
+    bs = [str(b) for b in _LATENCY_BATCHES]
+    print(f"{'hidden':>7} {'ffn':>6} {'heads':>5} {'layers':>6} {'params':>9} "
+          + " ".join(f"{f'prefill@{b}':>10}" for b in bs) + " "
+          + " ".join(f"{f'decode@{b}':>9}" for b in bs) + f" {'speedup':>7} {'KL':>8} frontier")
+    for r in sorted(results, key=lambda r: -r["latency"]["speedup"]):
+        s, lat = r["shape"], r["latency"]
+        print(f"{s['hidden_size']:>7} {s['intermediate_size']:>6} {s['num_attention_heads']:>5} "
+              f"{s['num_hidden_layers']:>6} {fmt_params(r['params']['total']):>9} "
+              + " ".join(f"{lat['prefill_ms'][b]:>8.2f}ms" for b in bs) + " "
+              + " ".join(f"{lat['decode_ms'][b]:>7.3f}ms" for b in bs)
+              + f" {lat['speedup']:>6.2f}x {r['metrics']['kl']:>8.4f} "
+              f"{'yes' if lat['frontier'] else ''}")
+
+
+def plot_frontier(results: list[dict], target: float, path: Path):
+    """KL against decode speed-up of the ranked candidates: the frontier and the chosen one."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs = [r["latency"]["speedup"] for r in results]
+    ax.scatter(xs, [r["metrics"]["kl"] for r in results], c="0.6", label="candidates")
+    front = sorted((r["latency"]["speedup"], r["metrics"]["kl"]) for r in results
+                   if r["latency"]["frontier"])
+    ax.plot(*zip(*front), "-o", c="tab:blue", label="frontier")
+    ax.scatter([results[0]["latency"]["speedup"]], [results[0]["metrics"]["kl"]], marker="*",
+               s=200, c="tab:red", zorder=3, label="chosen")
+    ax.axvline(target, ls="--", c="0.4", label=f"target {target:g}x")
+    ax.set_xlabel(f"decode speed-up at batch {_LATENCY_BATCHES[0]} (source / candidate)")
+    ax.set_ylabel("held-out KL(source || candidate), nats/token")
+    ax.legend()
+    fig.tight_layout()
+    common.write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+
+
+def plan_shapes(cfg, src: dict, config, protected: set[int], device: str, dtype: torch.dtype
+                ) -> tuple[list[dict], dict | None]:
+    """(the shapes to build: the target shape, or a search's candidates; for a TARGET_SPEEDUP
+    search the latencies: {"source": measurement, "shapes": one per shape, with "speedup"})."""
+    droppable = src["num_hidden_layers"] - len(protected)
+    if cfg.TARGET_PARAMS is None and cfg.TARGET_SPEEDUP is None:
         if all(getattr(cfg, n) is None for n in TARGETS):
-            raise common.UserError(f"no target: set one of {', '.join(TARGETS)} or TARGET_PARAMS "
-                                   f"(without one, prune.py would write a copy of MODEL)")
+            raise common.UserError(f"no target: set one of {', '.join(TARGETS)}, TARGET_PARAMS or "
+                                   f"TARGET_SPEEDUP (without one, prune.py would write a copy of MODEL)")
         shape = target_shape(cfg, src)
         validate_shape(shape, src, config.model_type, droppable)
         pruned_config(config, shape, list(range(shape["num_hidden_layers"])), torch.float32)
-        return [shape]
+        return [shape], None
     total = common.param_count(src, config)["total"]
-    if cfg.TARGET_PARAMS > total:
+    if cfg.TARGET_PARAMS is not None and cfg.TARGET_PARAMS > total:
         raise common.UserError(f"TARGET_PARAMS={cfg.TARGET_PARAMS:.4g} is bigger than the "
                                f"source's {total} parameters")
-    window, shapes = candidate_shapes(cfg.TARGET_PARAMS, src, config, droppable, cfg.SEARCH_DEPTH,
-                                      _SEARCH_HEADS)
-    if not shapes:
-        raise common.UserError(
-            f"no candidate shape on the grids (_HIDDEN_STEP={_HIDDEN_STEP}, _FFN_STEP={_FFN_STEP}, "
-            f"_MIN_KEEP={_MIN_KEEP}, SEARCH_DEPTH={cfg.SEARCH_DEPTH}) has between "
-            f"{cfg.TARGET_PARAMS * (1 - _BUDGET_TOLERANCE):.4g} and {cfg.TARGET_PARAMS:.4g} "
-            f"parameters; allow SEARCH_DEPTH, or widen the recipe's grids in prune.py")
+    if cfg.TARGET_SPEEDUP is not None:
+        shapes, lat = speed_candidates(cfg, src, config, protected, device, dtype)
+    else:
+        window, shapes = candidate_shapes(cfg.TARGET_PARAMS, src, config, droppable,
+                                          _SEARCH_DEPTH, _SEARCH_HEADS)
+        if not shapes:
+            raise common.UserError(
+                f"no candidate shape on the grids (_HIDDEN_STEP={_HIDDEN_STEP}, _FFN_STEP="
+                f"{_FFN_STEP}, _MIN_KEEP={_MIN_KEEP}, _SEARCH_DEPTH={_SEARCH_DEPTH}) has between "
+                f"{cfg.TARGET_PARAMS * (1 - _BUDGET_TOLERANCE):.4g} and {cfg.TARGET_PARAMS:.4g} "
+                f"parameters; widen the recipe's grids or set _SEARCH_DEPTH in prune.py")
+        print(f"budget: {len(window)} shapes within {_BUDGET_TOLERANCE:.0%} under "
+              f"{fmt_params(cfg.TARGET_PARAMS)}; scoring {len(shapes)}")
+        lat = None
     if len(shapes) < cfg.SAVE_TOP:
         raise common.UserError(f"SAVE_TOP={cfg.SAVE_TOP} but only {len(shapes)} candidates")
-    print(f"budget: {len(window)} shapes within {_BUDGET_TOLERANCE:.0%} under "
-          f"{fmt_params(cfg.TARGET_PARAMS)}; scoring {len(shapes)}")
-    return [{k: s[k] for k in common.SHAPE_KEYS} for s in shapes]
+    return [{k: s[k] for k in common.SHAPE_KEYS} for s in shapes], lat
+
+
+def speed_candidates(cfg, src: dict, config, protected: set[int], device: str,
+                     dtype: torch.dtype) -> tuple[list[dict], dict]:
+    """Latency prunes the grid first (depth, width and heads; no weights needed), then the
+    candidates that meet TARGET_SPEEDUP (up to _SPEEDUP_TOLERANCE beyond it, under TARGET_PARAMS
+    when set) are spread over that window for the KL to rank."""
+    need = _LATENCY_PROMPT + _LATENCY_NEW_TOKENS
+    if need > config.max_position_embeddings:
+        raise common.UserError(f"the latency workload (_LATENCY_PROMPT + _LATENCY_NEW_TOKENS = "
+                               f"{need} tokens) is longer than MODEL's context "
+                               f"({config.max_position_embeddings}); lower them in prune.py")
+    grid_ = grid_shapes(src, config, src["num_hidden_layers"] - len(protected), True, True)
+    if cfg.TARGET_PARAMS is not None:
+        grid_ = [s for s in grid_ if s["params"] <= cfg.TARGET_PARAMS]
+    source, measured = measure_shapes(config, grid_, protected, device, dtype,
+                                      Path(cfg.OUTPUT).parent / "latency.json")
+    for s, m in zip(grid_, measured):
+        s["latency"] = {**m, "speedup": speedup(source, m)}
+    meet = [s for s in grid_ if s["latency"]["speedup"] >= cfg.TARGET_SPEEDUP]
+    if not meet:
+        best = max((s["latency"]["speedup"] for s in grid_), default=1.0)
+        raise common.UserError(f"no candidate on the grids reaches TARGET_SPEEDUP="
+                               f"{cfg.TARGET_SPEEDUP:g} on this device (the fastest: {best:.2f}x"
+                               f"{' under TARGET_PARAMS' if cfg.TARGET_PARAMS else ''}); lower it")
+    window = [s for s in meet
+              if s["latency"]["speedup"] <= cfg.TARGET_SPEEDUP * (1 + _SPEEDUP_TOLERANCE)]
+    window = window or sorted(meet, key=lambda s: s["latency"]["speedup"])[:_NUM_CANDIDATES]
+    picks = spread(window, _NUM_CANDIDATES)
+    print(f"latency: {len(meet)} of {len(grid_)} shapes reach {cfg.TARGET_SPEEDUP:g}x decode "
+          f"speed-up; scoring {len(picks)} from {len(window)} within {_SPEEDUP_TOLERANCE:.0%} of it")
+    return picks, {"source": source, "shapes": [s["latency"] for s in picks],
+                   "device": device_name(device), "dtype": str(dtype), "workload": workload()}
 
 
 def score_candidates(teacher, scores: dict, shapes: list[dict], rows: torch.Tensor,
@@ -699,7 +934,7 @@ def held_out_rows(cfg, tokenizer, meta: dict) -> torch.Tensor:
 
 
 def prune_record(cfg, model: str, model_id: str, src: dict, res: dict, rank: int, types_: list,
-                 before: dict, search: list | None, save_dtype) -> dict:
+                 before: dict, search: list | None, save_dtype, lat: dict | None = None) -> dict:
     """`pare.json` of one written candidate (distill.py reads it through common.read_record)."""
     plan = res["plan"]
     return {
@@ -710,6 +945,8 @@ def prune_record(cfg, model: str, model_id: str, src: dict, res: dict, rank: int
         "layer_types": [types_[i] for i in plan["layers"]],
         "kept": {k: plan[k] for k in ("layers", "hidden", "ffn", "heads", "kv_groups")},
         "repair": plan.get("repair"),
+        "latency": lat and {k: lat[k] for k in ("device", "dtype", "workload", "source")} | {
+            "candidate": res["latency"]},
         "params": {"before": before["total"], "after": res["params"]["total"],
                    "before_non_embedding": before["non_embedding"],
                    "after_non_embedding": res["params"]["non_embedding"]},
@@ -777,7 +1014,7 @@ def main(argv: list[str]) -> dict:
     dtype = common.pick_dtype(_DTYPE, device)
     save_dtype = (common.pick_dtype(_SAVE_DTYPE, device, "_SAVE_DTYPE") if _SAVE_DTYPE
                   else common.stored_dtype(config, dtype))
-    shapes = plan_shapes(cfg, src, config, src["num_hidden_layers"] - len(protected))
+    shapes, lat = plan_shapes(cfg, src, config, protected, device, dtype)
     before = common.param_count(src, config)
     grams = open_grams(cfg.SCORES, scores["meta"]) if cfg.REPAIR else None
     if cfg.REPAIR and grams is None:
@@ -792,9 +1029,13 @@ def main(argv: list[str]) -> dict:
     results = score_candidates(teacher, scores, shapes, rows, protected, save_dtype, grams)
     times["prune_and_eval"] = time.time() - t0
     search = None
-    if cfg.TARGET_PARAMS is not None:
+    if lat:
+        add_latency(results, shapes, lat)
+        print_latency_table(results)
+    if cfg.TARGET_PARAMS is not None or lat:
         print_ranking(results)
-        search = [{**r["shape"], "params": r["params"]["total"], **r["metrics"]} for r in results]
+        search = [{**r["shape"], "params": r["params"]["total"], **r["metrics"],
+                   **({"latency": r["latency"]} if lat else {})} for r in results]
 
     t0 = time.time()
     state = teacher.state_dict()
@@ -806,8 +1047,10 @@ def main(argv: list[str]) -> dict:
         if actual != res["params"]["total"]:
             print(f"warning: counted {actual} parameters, the formula says {res['params']['total']}")
         record = prune_record(cfg, model, model_id, src, res, rank, types_, before, search,
-                              save_dtype)
+                              save_dtype, lat)
         common.write_checkpoint(student, model, path, record, dtype=save_dtype)
+        if lat and rank == 1:
+            plot_frontier(results, cfg.TARGET_SPEEDUP, path / "latency.png")
         res["model"] = None
         del student
     times["save"] = time.time() - t0

@@ -298,7 +298,7 @@ def test_budget_search_ranks_and_writes_top(yarn_olmo, tmp_path, capsys):
     config = common.load_config(model_dir)
     budget = 0.8 * common.param_count(common.shape_of(config), config)["total"]
     result = run_main(model_dir, scores, data, out, f"TARGET_PARAMS={budget}", "_HIDDEN_STEP=16",
-                      "_FFN_STEP=16", "_BUDGET_TOLERANCE=0.1", "SEARCH_DEPTH=True",
+                      "_FFN_STEP=16", "_BUDGET_TOLERANCE=0.1", "_SEARCH_DEPTH=True",
                       "_NUM_CANDIDATES=3", "SAVE_TOP=2")
     printed = capsys.readouterr().out
     assert "rank" in printed and "budget:" in printed

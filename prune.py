@@ -16,6 +16,7 @@ rows the scores used) and the best SAVE_TOP written as OUTPUT, OUTPUT-2, ...; TA
 first keeps the shapes whose decode, timed on this device, is that much faster.
 """
 
+import inspect
 import itertools
 import json
 import math
@@ -673,6 +674,8 @@ def measure_latency(config, device: str, dtype: torch.dtype, work: dict) -> dict
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    # the KV cache's name: `cache` from transformers 5.2x, `past_key_values` before
+    cache = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     out = {"prefill_ms": {}, "decode_ms": {}}
     for b in work["batches"]:
         ids = torch.randint(config.vocab_size, (b, work["prompt"]), device=device)
@@ -686,7 +689,7 @@ def measure_latency(config, device: str, dtype: torch.dtype, work: dict) -> dict
                 t1 = time.perf_counter()
                 for _ in range(work["new_tokens"]):
                     nxt = o.logits[:, -1:].argmax(-1)
-                    o = model(input_ids=nxt, past_key_values=o.past_key_values, use_cache=True)
+                    o = model(input_ids=nxt, use_cache=True, **{cache: getattr(o, cache)})
                 sync()
                 return t1 - t0, (time.perf_counter() - t1) / max(work["new_tokens"], 1)
         for _ in range(work["warmup"]):

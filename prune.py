@@ -670,9 +670,13 @@ def measure_latency(config, device: str, dtype: torch.dtype, work: dict) -> dict
     measurement (e.g. vLLM's) would replace this function.
     Returns {"prefill_ms": {batch: ms}, "decode_ms": {batch: ms per token}}."""
     from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
     torch.manual_seed(0)
-    with torch.device(device):
+    with torch.device(device), no_init_weights():  # transformers' init is slow; values do not matter
         model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    with torch.no_grad():  # finite values like a trained model's: matrices small, norm gains 1
+        for t in model.parameters():
+            t.normal_(0, 0.02) if t.dim() > 1 else t.fill_(1.0)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     # the KV cache's name: `cache` from transformers 5.2x, `past_key_values` before
     cache = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"

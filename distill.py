@@ -759,7 +759,11 @@ def funnel(cfg, plan: dict, n: int, shard: bool) -> list[int]:
     first, ends, alive = cfg.SELECT_TOKENS // per_step, [], n
     while alive > 1:
         ends.append((ends[-1] if ends else 0) + round(first * _SELECT_GROWTH ** len(ends)))
-        alive = math.ceil(alive * _SELECT_KEEP)
+        alive = kept_after_round(alive)
+    if _STOP_AT_STEP is not None and _STOP_AT_STEP < ends[-1]:
+        raise common.UserError(f"_STOP_AT_STEP={_STOP_AT_STEP} stops the winner's run after the "
+                               f"selection, whose rounds end at step {ends[-1]}: set it above "
+                               f"that, or None")
     if ends[-1] > plan["max_steps"]:
         raise common.UserError(f"the selection's {len(ends)} rounds take {ends[-1]} steps, more "
                                f"than the run's {plan['max_steps']}: lower SELECT_TOKENS or raise "
@@ -789,16 +793,22 @@ def ranking(entries: list[dict], r: int, among: list[int] | None = None) -> list
                                         entries[i]["student"]))
 
 
+def kept_after_round(n: int) -> int:
+    """How many of n candidates go on: _SELECT_KEEP of them rounded up, and at least one fewer."""
+    return min(n - 1, math.ceil(n * _SELECT_KEEP))
+
+
 def survivors(entries: list[dict], alive: list[int], r: int) -> list[int]:
     if _SELECT_FLAT:
         return alive
-    return ranking(entries, r, alive)[:math.ceil(len(alive) * _SELECT_KEEP)]
+    return ranking(entries, r, alive)[:kept_after_round(len(alive))]
 
 
 def selection_settings(cfg, runs: list, ms: list, ends: list[int]) -> dict:
     """What a resumed selection must share with the run that began it."""
     return {"knobs": {k: v for k, v in vars(cfg).items() if k not in RESUMABLE - {"SELECT_TOKENS"}},
-            "recipe": common.recipe(globals()), "round_ends": ends,
+            "recipe": {k: v for k, v in common.recipe(globals()).items() if k not in RESUMABLE},
+            "round_ends": ends,
             "students": [m["student_id"] for m in ms], "teacher": ms[0]["teacher_id"]}
 
 
@@ -896,6 +906,7 @@ def select(cfg, runs: list, ms: list, env: dict, ends: list[int], select_dir: Pa
     schedule's end first when MAX_STEPS is set) with selection.json beside it."""
     acc, plan = env["acc"], env["plan"]
     record = read_selection(select_dir, cfg, runs, ms, ends)
+    write_selection(select_dir / common.RECORD, record)  # marks select_dir before any checkpoint
     entries = record["candidates"]
     teacher = load_teacher(ms[0]["teacher"], str(acc.device), env["dtype"])
     print_memory(ms[0]["s_conf"], ms[0]["t_conf"], env["dtype"], 1, env["device"])

@@ -705,9 +705,17 @@ def measure_latency(config, device: str, dtype: torch.dtype, work: dict) -> dict
 
 
 def device_name(device: str) -> str:
+    """The GPU's name, or the CPU's model, instruction set torch uses and thread count."""
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
-    return f"{platform.processor() or platform.machine()} cpu, {torch.get_num_threads()} threads"
+    model = platform.processor() or platform.machine()
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        model = next(ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (f"{model} ({torch.backends.cpu.get_cpu_capability()}), "
+            f"{torch.get_num_threads()} threads")
 
 
 def latency_key(config, device: str, dtype: torch.dtype, work: dict) -> str:

@@ -116,9 +116,22 @@ def test_killed_selection_resumes_to_the_same_table(family, tmp_path, monkeypatc
     assert by_student(rest["selection"]) == by_student(full["selection"])  # bit-identical on CPU
     a, b = weights(tmp_path / "full"), weights(tmp_path / "k")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    # begun with other settings: refused, naming the directory
+    # begun with other settings: refused, naming the directory; a resumable setting is not
     with pytest.raises(common.UserError, match="k-select holds a selection begun with other"):
         run(names, family["data"], tmp_path / "k", "LR=1e-3")
+    assert by_student(run(names, family["data"], tmp_path / "k", "_EVAL_EVERY=3")[
+        "selection"]) == by_student(full["selection"])
+    # killed during the very first candidate's first round (before any result): resumes too
+    calls["n"] = 0
+    monkeypatch.setattr(distill, "train_step", lambda *a: (
+        calls.__setitem__("n", calls["n"] + 1), calls["n"] == 1 and os.kill(os.getpid(),
+                                                                            signal.SIGINT),
+        real(*a))[-1])
+    with pytest.raises(common.Interrupted, match="stopped after step 1"):
+        run(names, family["data"], tmp_path / "k1")
+    monkeypatch.setattr(distill, "train_step", real)
+    assert by_student(run(names, family["data"], tmp_path / "k1")["selection"]) == by_student(
+        full["selection"])
 
 
 def test_the_winner_goes_on_as_one_run(family, tmp_path):
@@ -165,6 +178,8 @@ def test_bad_selection_inputs(family, tmp_path, monkeypatch):
     assert "lower SELECT_TOKENS or raise MAX_STEPS" in error(run, names, data, tmp_path / "o",
                                                              "MAX_STEPS=1")
     assert "set EVAL_SAMPLES > 0" in error(run, names, data, tmp_path / "o", "EVAL_SAMPLES=0")
+    assert "_STOP_AT_STEP=1 stops the winner's run after the selection" in error(
+        run, names, data, tmp_path / "o", "_STOP_AT_STEP=1")
     assert not any((tmp_path / n).exists() for n in ("o", "o-checkpoints", "o-select"))
 
 
@@ -213,3 +228,20 @@ def test_a_family_prune_distill_prune_distill(make_config, second_cut, tmp_path)
                           f"OUTPUT={tmp_path / 'from-original'}", "MAX_STEPS=2", *knobs])
     assert s["finished"] and common.read_record(tmp_path / "from-original")["distill"][
         "teacher"] == original
+
+
+@pytest.mark.parametrize("keep,n,rounds", [(0.5, 4, 2), (0.5, 3, 2), (0.75, 3, 2), (0.9, 2, 1),
+                                           (0.25, 8, 2)])
+def test_the_funnel_always_narrows(keep, n, rounds):
+    """Every round drops at least one candidate, whatever _SELECT_KEEP (no endless funnel)."""
+    import types
+    cfg = types.SimpleNamespace(EVAL_SAMPLES=4, SELECT_TOKENS=128)
+    with recipe(distill, _SELECT_KEEP=keep):
+        ends = distill.funnel(cfg, {"tokens_per_step": 128, "max_steps": 100}, n, False)
+        assert len(ends) == rounds and ends == sorted(ends)
+        entries = [{"zero_shot_kl": float(i), "kl": [float(i)] * rounds, "student": str(i)}
+                   for i in range(n)]
+        alive = list(range(n))
+        for r in range(rounds):
+            alive = distill.survivors(entries, alive, r)
+        assert alive == [0]

@@ -26,6 +26,9 @@ SHAPES = {  # name: (knob overrides, prune.py recipe constants set for the run)
     "layers24_block": (["TARGET_LAYERS=24"], {"_DEPTH_METRIC": "block"}),
     "heads6": (["TARGET_HEADS=6"], {}),
     "heads6_output": (["TARGET_HEADS=6"], {"_HEAD_SCORE": "output"}),
+    # the repair on the activation ranking's neurons (not the ones it compensates best)
+    "ffn1024_byscore": (["TARGET_FFN=1024"], {"_REPAIR_SELECT": False}),
+    "h504_ffn1024_byscore": (["TARGET_HIDDEN=504", "TARGET_FFN=1024"], {"_REPAIR_SELECT": False}),
     # the same shapes without the least-squares repair (REPAIR=False: slicing only)
     "ffn1024_norepair": (["TARGET_FFN=1024", "REPAIR=False"], {}),
     "h504_ffn1024_norepair": (["TARGET_HIDDEN=504", "TARGET_FFN=1024", "REPAIR=False"], {}),

@@ -1,4 +1,5 @@
-"""The least-squares repair: identity when nothing is cut, exact on a planted dependency, never
+"""The least-squares repair: identity when nothing is cut, exact on a planted dependency (by score
+and by the surgeon's choice of neurons), never
 worse than slicing on the calibration rows, and wired through importance -> prune."""
 
 import pytest
@@ -21,13 +22,13 @@ def grams_of(model, rows):
     return lambda key, layer: got["grams"][key][layer]
 
 
-def cut(model, scores, grams, damping=1e-3, **target):
+def cut(model, scores, grams, damping=1e-3, select=True, **target):
     src = common.shape_of(model.config)
     shape = {**src, **target}
     if src["num_key_value_heads"] == src["num_attention_heads"]:
         shape["num_key_value_heads"] = shape["num_attention_heads"]
     return prune.prune_one(model, scores, shape, list(range(src["num_hidden_layers"])),
-                           torch.float32, grams=grams, damping=damping)
+                           torch.float32, grams=grams, damping=damping, select=select)
 
 
 @MAKERS
@@ -40,27 +41,58 @@ def test_nothing_cut_is_the_identity(make_config):
 
 
 @MAKERS
-def test_a_planted_dependent_neuron_is_dropped_exactly(make_config):
+@pytest.mark.parametrize("select", [False, True], ids=["by-score", "by-surgeon"])
+def test_a_planted_dependent_neuron_is_dropped_exactly(make_config, select):
     """Neuron 5 of every layer fires exactly twice as much as neuron 3 (same gate, twice the up
-    projection): dropping 5 and folding it into 3's column loses nothing."""
+    projection): dropping one of them and folding it into the other's column loses nothing. By
+    score, 5 is dropped because it scores lowest; by the surgeon's choice, 3 or 5 is dropped
+    although both score highest (the activation ranking would keep them)."""
     model = make_model(make_config())
     with torch.no_grad():
         for block in model.model.layers:
             block.mlp.gate_proj.weight[5] = block.mlp.gate_proj.weight[3]
             block.mlp.up_proj.weight[5] = 2 * block.mlp.up_proj.weight[3]
     scores = fake_scores(model.config)
-    scores["mlp"][:, 5] = 0.0  # the lowest: the one dropped
+    scores["mlp"][:, [3, 5]] = 0.0 if not select else scores["mlp"].max() + 1
+    scores["mlp"][:, 3] = scores["mlp"].max() + 1  # 3 always looks important
     f = model.config.intermediate_size
     grams = grams_of(model, ids(8, 24, seed=1))
-    repaired, plan = cut(model, scores, grams, damping=1e-10, intermediate_size=f - 1)
+    repaired, plan = cut(model, scores, grams, damping=1e-10, select=select,
+                         intermediate_size=f - 1)
     plain, _ = cut(model, scores, None, intermediate_size=f - 1)
-    assert all(5 not in kept for kept in plan["ffn"])
+    if select:
+        assert all(len({3, 5} - set(kept)) == 1 for kept in plan["ffn"])
+    else:
+        assert all(5 not in kept for kept in plan["ffn"])
     x = ids(2, 20, seed=5)  # other tokens than the statistics saw: the dependency is exact
     with torch.no_grad():
         want, got, sliced = (m(input_ids=x).logits for m in (model, repaired, plain))
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert (sliced - want).abs().max() > 100 * (got - want).abs().max()
     assert plan["repair"]["mlp"][1] < 1e-8 < plan["repair"]["mlp"][0]
+
+
+def test_the_surgeon_cuts_what_the_rest_can_replace():
+    """Inputs {0, 1, 3} span only two dimensions, and so do {2, 4, 5}: cutting one of each
+    loses nothing after the refit, cutting two of a triple does. The surgeon's choice cuts one of
+    each (one input a round), although 0 and 1 have the smallest weights. (In one round of two
+    it could cut 0 and 1 together: each alone is replaceable; that is why rounds are many.)
+    Keeping everything keeps everything; a zero Gram gives a valid choice, a NaN one None."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 6, dtype=torch.float64, generator=g)
+    x[:, 1] = x[:, 0] - 2 * x[:, 3]
+    x[:, 4] = 0.5 * x[:, 2] + x[:, 5]
+    w = torch.randn(7, 6, dtype=torch.float64, generator=g)
+    w[:, [2, 3, 4, 5]] *= 10  # by weight alone, 0 and 1 would go: not exact
+    gram = x.T @ x
+    kept = prune.surgeon_keep(w, gram, 4, 1e-12, 2)
+    assert len(kept) == 4 and all(len(t - set(kept)) == 1 for t in ({0, 1, 3}, {2, 4, 5}))
+    assert prune.refit(w, gram, kept, 1e-12)[2] < 1e-9
+    assert min(prune.refit(w, gram, k, 1e-12)[2] for k in ([2, 3, 4, 5], [0, 1, 3, 5])) > 1e-3
+    assert prune.surgeon_keep(w, gram, 6, 1e-3, 4) == list(range(6))
+    kept = prune.surgeon_keep(w, torch.zeros(6, 6, dtype=torch.float64), 3, 1e-3, 2)
+    assert len(kept) == 3 and len(set(kept)) == 3
+    assert prune.surgeon_keep(w, torch.full((6, 6), float("nan")), 3, 1e-3, 2) is None
 
 
 @MAKERS

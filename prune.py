@@ -602,12 +602,10 @@ def repair_choice(state: dict, grams, layer: int, n_keep: int, damping: float,
                   memo: dict) -> list[int] | None:
     """Layer `layer`'s kept MLP neurons for the repair (surgeon_keep on its down_proj), memoised
     in `memo`; None (keep the activation ranking's) when the Gram cannot be factored."""
-    key = (layer, n_keep)
-    if key not in memo:
-        kept = surgeon_keep(state[f"model.layers.{layer}.mlp.down_proj.weight"],
-                            grams("mlp", layer), n_keep, damping, _REPAIR_ROUNDS)
-        memo[key] = kept
-    return memo[key]
+    if (layer, n_keep) not in memo:
+        memo[layer, n_keep] = surgeon_keep(state[f"model.layers.{layer}.mlp.down_proj.weight"],
+                                           grams("mlp", layer), n_keep, damping, _REPAIR_ROUNDS)
+    return memo[layer, n_keep]
 
 
 def repair(sliced: dict, state: dict, plan: dict, src: dict, grams, damping: float) -> dict:
@@ -945,17 +943,17 @@ def speed_candidates(cfg, src: dict, config, protected: set[int], device: str,
 
 
 def score_candidates(teacher, scores: dict, shapes: list[dict], rows: torch.Tensor,
-                     protected: set[int], save_dtype: torch.dtype, grams) -> list[dict]:
+                     protected: set[int], save_dtype: torch.dtype, grams, memo: dict) -> list[dict]:
     """Build each shape (prune_one, repaired when `grams`) and measure it on the held-out
     `rows`; sorted by KL. The teacher runs on the rows once for all candidates; a search keeps
-    only the plans (the few written are rebuilt), a single shape keeps its model."""
+    only the plans (the few written are rebuilt), a single shape keeps its model. `memo`: the
+    repair's neuron choices, shared by candidates of the same width and by the rebuilds."""
     src = common.shape_of(teacher.config)
     n = src["num_hidden_layers"]
     droppable = [i for i in range(n) if i not in protected]
     state = teacher.state_dict()
     t_hidden = common.final_hiddens(teacher, rows, _BATCH_SIZE) if len(shapes) > 1 else None
     costs, results = {}, []
-    memo = {}  # the repair's neuron choices, shared by candidates of the same width
     for shape in tqdm(shapes, desc="candidates", disable=len(shapes) == 1):
         n_drop = n - shape["num_hidden_layers"]
         if _DEPTH_METRIC == "block" and n_drop and n_drop not in costs:
@@ -973,7 +971,7 @@ def score_candidates(teacher, scores: dict, shapes: list[dict], rows: torch.Tens
             raise RuntimeError(f"KL is {metrics['kl']} for shape {shape}: the slicing is broken")
         results.append({"shape": shape, "plan": plan, "metrics": metrics, "t_slice": t_slice,
                         "params": common.param_count(shape, teacher.config),
-                        "model": student if len(shapes) == 1 else None, "memo": memo,
+                        "model": student if len(shapes) == 1 else None,
                         "t_eval": time.time() - t0 - t_slice})
         del student
     return sorted(results, key=lambda r: r["metrics"]["kl"])
@@ -1094,7 +1092,8 @@ def main(argv: list[str]) -> dict:
     times = {"load": time.time() - t0}
     print(f"model: {config.architectures} on {device} in {dtype}, loaded in {times['load']:.1f}s")
     t0 = time.time()
-    results = score_candidates(teacher, scores, shapes, rows, protected, save_dtype, grams)
+    memo = {}  # the repair's neuron choices per (layer, width), computed once
+    results = score_candidates(teacher, scores, shapes, rows, protected, save_dtype, grams, memo)
     times["prune_and_eval"] = time.time() - t0
     search = None
     if lat:
@@ -1110,8 +1109,7 @@ def main(argv: list[str]) -> dict:
     for rank, (res, path) in enumerate(zip(results, outputs), 1):
         student = res["model"] or prune_one(  # a search rebuilds the few it writes, one at a time
             teacher, scores, res["shape"], res["plan"]["layers"], save_dtype, _GQA_GROUPING,
-            _HEAD_SCORE, _NORM_CORRECTION, state, grams, _REPAIR_DAMPING, _REPAIR_SELECT,
-            res["memo"])[0]
+            _HEAD_SCORE, _NORM_CORRECTION, state, grams, _REPAIR_DAMPING, _REPAIR_SELECT, memo)[0]
         actual = sum(p.numel() for p in student.parameters())
         if actual != res["params"]["total"]:
             print(f"warning: counted {actual} parameters, the formula says {res['params']['total']}")

@@ -1,6 +1,6 @@
 """The least-squares repair: identity when nothing is cut, exact on a planted dependency (by score
-and by the surgeon's choice of neurons), never
-worse than slicing on the calibration rows, and wired through importance -> prune."""
+and by the surgeon's choice of neurons), never worse than slicing on the calibration rows, and
+wired through importance -> prune."""
 
 import pytest
 import torch

@@ -5,6 +5,7 @@
     uv run accelerate launch --num_processes 8 distill.py    # 8 GPUs (DDP), same knobs
     uv run accelerate launch --num_processes 8 distill.py FSDP=True   # both models sharded
     uv run distill.py STUDENT="['out/pruned', 'out/pruned-2']"     # select, then the winner
+    uv run distill.py TEACHER=allenai/Olmo-3-32B-Instruct TEACHER_CACHE=out/cache   # top-k cache
 
 Trains STUDENT (prune.py's output; its `pare.json` names the teacher unless TEACHER is set) on
 DATASET packed to SEQ_LEN, with forward KL(teacher || student) on the logits at temperature 1
@@ -14,10 +15,13 @@ depth cut is large. AdamW, warmup then cosine decay, GLOBAL_BATCH rows per step 
 processes and accumulation. Checkpoints (also on the first Ctrl-C or SIGTERM) resume with the
 same losses when the same command runs again. Writes OUTPUT, an HF directory whose `pare.json`
 extends the student's with a "distill" entry. Several STUDENTs: each is distilled briefly and
-the better ones longer (a funnel by held-out KL), and the best goes on as the run.
+the better ones longer (a funnel by held-out KL), and the best goes on as the run. With
+TEACHER_CACHE, the teacher's TOPK log-probabilities per token are computed once into it (first
+run) and training reads them instead of running the teacher (KL over the top k plus the rest).
 """
 
 import contextlib
+import hashlib
 import json
 import math
 import pickle
@@ -37,6 +41,8 @@ import common
 STUDENT: str | list = "out/pruned"     # directory prune.py wrote; a list of them: pick the best
 SELECT_TOKENS = 20_000_000             # with several STUDENTs: tokens per candidate, first round
 TEACHER: str | None = None             # hub id or directory; None: the source in STUDENT's pare.json
+TEACHER_CACHE: str | None = None       # directory of the teacher's top-k log-probs (filled once)
+TOPK = 64                              # with TEACHER_CACHE: the teacher's most likely tokens kept per token
 DATASET = "allenai/Dolci-Instruct-SFT" # hub dataset (messages/text column) or local .txt/.jsonl/.parquet
 EVAL_SAMPLES = 32                      # held-out rows (the first rows of DATASET, never trained on); 0: none
 SEQ_LEN = 4096                         # tokens per packed row
@@ -73,6 +79,10 @@ _STOP_AT_STEP = None                   # stop after this step with a checkpoint 
 _PEAK_TFLOPS = None                    # dense bf16 peak per device for MFU; None: known GPUs only
 _DTYPE = None                          # teacher dtype; None: bfloat16 on GPU, float32 on CPU
 _SEED = 0                              # data shuffling and the hidden-state map's init
+# The teacher cache (TEACHER_CACHE): int32 ids and 16-bit log-probabilities are 6 bytes a kept
+# logit (DistillKit stores k = 128 at ~300 bytes per token, with a compressed tail).
+_CACHE_DTYPE = "float16"               # stored log-probabilities: float16, bfloat16 or float32
+_CACHE_SHARD_ROWS = 64                 # rows per cache file (64 x 4096 tokens at k = 64: ~100 MB)
 # Selection between several students (Minitron best practice 9: rank pruned candidates after a
 # short retraining, not zero-shot; P1 Figure 9). A funnel, i.e. successive halving (Jamieson and
 # Talwalkar, arXiv 1502.07943): after each round the better part by held-out KL goes on, with
@@ -93,19 +103,23 @@ PROGRESS_KEYS = ("format", "step", "tokens", "world", "fsdp", "data", "ref_loss"
 class ChunkedDistillLoss(torch.autograd.Function):
     """Logit loss of N tokens with full-vocabulary logits for only `chunk` tokens at a time.
 
-    loss = (kl_w * T^2 * sum KL(softmax(z_t/T) || softmax(z_s/T)) + ce_w * sum CE(z_s, y)) / N
-    with z = h @ W^T. The gradient w.r.t. the student's logits is known in closed form
-    (kl_w * T * (p_s - p_t) + ce_w * (softmax(z_s) - onehot(y))) / N, so each chunk's
-    gradients w.r.t. h_s and W_s are computed in forward and the chunk's logits freed; backward
-    only scales them. Also returns (non-differentiable) summed KL and CE for logging.
+    loss = (kl_w * T^2 * sum KL(q_t || softmax(z_s/T)) + ce_w * sum CE(z_s, y)) / N with
+    z_s = h_s @ W_s^T. The teacher `q_t` is ("logits", h_t, W_t): softmax(h_t @ W_t^T / T), or
+    ("topk", ids, logp, rest) from a teacher cache: its top-k log-probabilities plus one bucket
+    for the rest (see `topk_kl`); None when only CE is trained. The gradient w.r.t. the
+    student's logits is known in closed form, (kl_w * T * (p_s - target) + ce_w * (softmax(z_s)
+    - onehot(y))) / N, so each chunk's gradients w.r.t. h_s and W_s are computed in forward and
+    the chunk's logits freed; backward only scales them. Also returns (non-differentiable)
+    summed KL and CE for logging.
     """
 
     @staticmethod
-    def forward(ctx, h_s, w_s, h_t, w_t, labels, temperature, kl_w, ce_w, chunk):
+    def forward(ctx, h_s, w_s, teacher, labels, temperature, kl_w, ce_w, chunk):
         n = h_s.shape[0]
         wide = torch.promote_types(h_s.dtype, torch.float32)  # logits: float32 (float64 in tests)
         w_sc = w_s.to(h_s.dtype)
-        w_tc = w_t.to(h_t.dtype) if h_t is not None else None
+        if teacher is not None and teacher[0] == "logits":
+            teacher = ("logits", teacher[1], teacher[2].to(teacher[1].dtype))
         grad_h = torch.empty_like(h_s)
         grad_w = torch.zeros(w_s.shape, dtype=wide, device=w_s.device)
         kl_sum = torch.zeros((), dtype=torch.float64, device=h_s.device)
@@ -118,14 +132,18 @@ class ChunkedDistillLoss(torch.autograd.Function):
             ls1 = z_s.log_softmax(-1)                     # temperature 1: for CE
             ce_sum += -ls1.gather(1, y[:, None]).sum(dtype=torch.float64)
             grad = None
-            if kl_w:                                      # grad: p_s - p_t at temperature T
+            if kl_w:                                      # grad: p_s - target at temperature T
                 ls = ls1 if temperature == 1 else (z_s / temperature).log_softmax(-1)
-                z_t = (h_t[i:i + chunk] @ w_tc.T).to(wide)
-                lt = (z_t if temperature == 1 else z_t / temperature).log_softmax(-1)
-                del z_t
-                pt = lt.exp()
-                kl_sum += torch.dot(pt.flatten(), lt.sub_(ls).flatten()).double()  # lt spent
-                del lt
+                if teacher[0] == "logits":
+                    z_t = (teacher[1][i:i + chunk] @ teacher[2].T).to(wide)
+                    lt = (z_t if temperature == 1 else z_t / temperature).log_softmax(-1)
+                    del z_t
+                    pt = lt.exp()
+                    kl_sum += torch.dot(pt.flatten(), lt.sub_(ls).flatten()).double()  # lt spent
+                    del lt
+                else:
+                    kl, pt = topk_kl(ls, *(t[i:i + chunk] for t in teacher[1:]), target=True)
+                    kl_sum += kl
                 grad = (ls.exp() if ls is ls1 and ce_w else ls.exp_()).sub_(pt)
                 del pt, ls
             del z_s
@@ -148,12 +166,40 @@ class ChunkedDistillLoss(torch.autograd.Function):
     def backward(ctx, grad_loss, grad_stats):
         grad_h, grad_w = ctx.saved_tensors
         return (grad_h * grad_loss.to(grad_h.dtype), (grad_w * grad_loss).to(ctx.w_dtype),
-                None, None, None, None, None, None, None)
+                None, None, None, None, None, None)
 
 
-def logit_loss(h_s, w_s, h_t, w_t, labels, temperature=1.0, kl_w=1.0, ce_w=0.0, chunk=1024):
-    """Chunked logit loss of flattened tokens: (scalar loss, [kl_sum, ce_sum]) over N tokens."""
-    return ChunkedDistillLoss.apply(h_s, w_s, h_t, w_t, labels, float(temperature), float(kl_w),
+def topk_kl(ls, ids, logp, rest, target: bool = False):
+    """Summed KL(teacher || student) over the teacher's top-k support plus one "rest" bucket.
+
+    `ls`: the student's log-probabilities [n, vocab]; `ids`, `logp` [n, k]: the teacher's top-k
+    token ids and log-probabilities; `rest` [n]: the log of the teacher's remaining mass. The
+    student's distribution is bucketed the same way (its probabilities at `ids`, and the rest
+    of its mass in one bucket), so this is a true KL between two distributions on k + 1 outcomes:
+    it never exceeds the full-vocabulary KL and equals it when k = vocab (cached top-k KL without
+    the missing mass is biased; arXiv 2503.16870). With `target`, also the dense distribution
+    whose difference to p_s is the gradient w.r.t. the student's logits: the teacher's
+    probabilities on the support, and outside it the student's own, rescaled to the teacher's
+    rest mass (derivative of the rest bucket's term).
+    """
+    logp, rest = logp.to(ls.dtype), rest.to(ls.dtype)
+    ids = ids.long()
+    q = logp.exp()
+    kl = torch.dot(q.flatten(), (logp - ls.gather(1, ids)).flatten()).double()
+    ls_rest = ls.scatter(1, ids, -math.inf).logsumexp(-1)   # -inf when k = vocab
+    has_rest = rest > -math.inf
+    kl = kl + torch.where(has_rest, rest.exp() * (rest - ls_rest), 0.0).sum(dtype=torch.float64)
+    if not target:
+        return kl, None
+    shift = torch.where(has_rest, rest - ls_rest, -math.inf)   # log(q_rest / p_rest)
+    dense = (ls + shift[:, None]).exp_().scatter_(1, ids, q)   # in log space: no 0 x inf
+    return kl, dense
+
+
+def logit_loss(h_s, w_s, teacher, labels, temperature=1.0, kl_w=1.0, ce_w=0.0, chunk=1024):
+    """Chunked logit loss of flattened tokens: (scalar loss, [kl_sum, ce_sum]) over N tokens.
+    `teacher`: ("logits", h_t, w_t), ("topk", ids, logp, rest) or None (see ChunkedDistillLoss)."""
+    return ChunkedDistillLoss.apply(h_s, w_s, teacher, labels, float(temperature), float(kl_w),
                                     float(ce_w), int(chunk))
 
 
@@ -205,17 +251,16 @@ class Distiller(torch.nn.Module):
         super().__init__()
         self.student, self.proj, self.pairs, self.settings = student, proj, pairs, settings
 
-    def forward(self, ids, t_last, t_states, t_weight):
-        """Loss of one micro-batch `ids` given the teacher's final hidden states `t_last` (None
-        when only CE is trained), its hidden states at the paired indices `t_states` and its
-        lm_head weight."""
+    def forward(self, ids, target, t_states):
+        """Loss of one micro-batch `ids` given the teacher's targets for its predicted tokens
+        (`logit_loss`'s `teacher`: from its final hidden states and lm_head, or from a cache;
+        None when only CE is trained) and its hidden states at the paired indices `t_states`."""
         s = self.settings
         with hidden_states(self.student, [i for i, _ in self.pairs]) as s_states:
             out = self.student.model(input_ids=ids, use_cache=False)
         h_s = out.last_hidden_state[:, :-1].flatten(0, 1)
-        h_t = t_last[:, :-1].flatten(0, 1) if t_last is not None else None
         labels = ids[:, 1:].flatten()
-        loss, stats = logit_loss(h_s, self.student.lm_head.weight, h_t, t_weight, labels,
+        loss, stats = logit_loss(h_s, self.student.lm_head.weight, target, labels,
                                  s["temperature"], s["kl_w"], s["ce_w"], s["chunk"])
         hid = torch.zeros((), device=loss.device)
         if self.pairs:
@@ -225,8 +270,11 @@ class Distiller(torch.nn.Module):
             loss = loss + hid * (loss.detach() / hid.detach().clamp(min=1e-8))
         return loss, stats, hid.detach(), labels.numel()
 
-    def held_out(self, rows, batch_size, teacher, chunk):
-        """common.evaluate on the student (a method, so that FSDP can gather it for the call)."""
+    def held_out(self, rows, batch_size, teacher, chunk, cache=None):
+        """common.evaluate on the student, or cached_evaluate with a teacher `cache` (a method,
+        so that FSDP can gather it for the call)."""
+        if cache is not None:
+            return cached_evaluate(self.student, rows, batch_size, cache.held_out(rows), chunk)
         return common.evaluate(self.student, rows, batch_size, teacher, chunk)
 
 
@@ -296,10 +344,13 @@ def state_gib(s_conf, t_conf, teacher_dtype: torch.dtype, shards: int) -> dict:
     """Weights, gradients and optimizer state one process holds, in GiB (activations not
     included): the student trains in float32 with AdamW, 16 bytes per parameter (weight,
     gradient, two moments); the teacher only has weights. Under FSDP (`shards` processes) each
-    holds 1/shards of both, plus the teacher's lm_head whole."""
+    holds 1/shards of both, plus the teacher's lm_head whole. `t_conf` None: no teacher (a
+    teacher cache stands in for it)."""
     def params(c):
         return common.param_count(common.shape_of(c), c)["total"]
     student = 16 * params(s_conf) / shards
+    if t_conf is None:
+        return {"student": student / 2**30, "teacher": 0.0}
     t_bytes = torch.finfo(teacher_dtype).bits // 8
     head = t_conf.vocab_size * t_conf.hidden_size * t_bytes
     teacher = t_bytes * params(t_conf) / shards + (head * (1 - 1 / shards))
@@ -347,17 +398,35 @@ def check_knobs(cfg):
                                "must be positive")
     if _STOP_AT_STEP is not None and _STOP_AT_STEP < 1:
         raise common.UserError(f"_STOP_AT_STEP={_STOP_AT_STEP} must be a positive step or None")
+    if cfg.TEACHER_CACHE is not None:
+        common.at_least(cfg, 1, "TOPK")
+        if _TEMPERATURE != 1:
+            raise common.UserError(f"a TEACHER_CACHE holds temperature-1 log-probabilities; "
+                                   f"_TEMPERATURE={_TEMPERATURE} in distill.py needs the live "
+                                   f"teacher (TEACHER_CACHE=None)")
+        if _CACHE_DTYPE not in CACHE_DTYPES or _CACHE_SHARD_ROWS < 1:
+            raise common.UserError(f"distill.py's _CACHE_DTYPE={_CACHE_DTYPE!r} must be one of "
+                                   f"{list(CACHE_DTYPES)} and _CACHE_SHARD_ROWS positive")
 
 
 def resolve_models(cfg) -> dict:
-    """Student record, teacher, configs, tokenizer and fingerprints, checked to belong together."""
+    """Student record, teacher, configs, tokenizer and fingerprints, checked to belong together.
+    With a TEACHER_CACHE that exists, its manifest names the teacher, whose files are not read
+    (a cache that holds the rows needed works without them); "t_conf" is then None."""
     if not Path(cfg.STUDENT).is_dir():
         raise common.UserError(f"STUDENT={cfg.STUDENT!r} is not a directory; run prune.py first "
                                f"or set STUDENT to the pruned model's directory")
     s_conf = common.load_config(cfg.STUDENT, "STUDENT")
+    common.family_of(s_conf, "STUDENT")
     # a student from elsewhere may have no record (then TEACHER names the teacher); prune.py's
     # record must hold what distill reads: the teacher, and the kept layers and channels
     record = common.read_record(cfg.STUDENT, ("stage", "source_model", "source_shape", "kept")) or {}
+    tokenizer = common.load_tokenizer(cfg.STUDENT, "STUDENT")
+    ids = {"student_id": common.fingerprint(cfg.STUDENT, "STUDENT")}
+    manifest = read_manifest(Path(cfg.TEACHER_CACHE)) if cfg.TEACHER_CACHE else None
+    if manifest is not None:
+        return {**cached_teacher(cfg, manifest, s_conf, tokenizer), **ids, "record": record,
+                "s_conf": s_conf, "tokenizer": tokenizer}
     teacher, constant = cfg.TEACHER, "TEACHER"
     if teacher is None:
         if "source_model" not in record:
@@ -369,17 +438,36 @@ def resolve_models(cfg) -> dict:
         t_conf = common.load_config(teacher, constant)
     except common.UserError as e:
         raise common.UserError(f"cannot load the teacher: {e}") from None
-    common.family_of(s_conf, "STUDENT"), common.family_of(t_conf, constant)
-    tokenizer = common.load_tokenizer(cfg.STUDENT, "STUDENT")
+    common.family_of(t_conf, constant)
     why = tokenizer_mismatch(tokenizer, common.load_tokenizer(teacher, constant))
     if why is None and s_conf.vocab_size != t_conf.vocab_size:
         why = f"vocab_size differs ({s_conf.vocab_size} vs {t_conf.vocab_size})"
     if why:
         raise common.UserError(f"student {cfg.STUDENT!r} and teacher {teacher!r} do not share a "
                                f"tokenizer: {why}; the KL needs the same token ids")
-    return {"record": record, "teacher": teacher, "s_conf": s_conf, "t_conf": t_conf,
-            "tokenizer": tokenizer, "student_id": common.fingerprint(cfg.STUDENT, "STUDENT"),
+    if cfg.TEACHER_CACHE and cfg.TOPK > t_conf.vocab_size:
+        raise common.UserError(f"TOPK={cfg.TOPK} exceeds the vocabulary ({t_conf.vocab_size} "
+                               f"tokens); at most that (which caches every logit)")
+    return {**ids, "record": record, "teacher": teacher, "s_conf": s_conf, "t_conf": t_conf,
+            "t_layers": t_conf.num_hidden_layers, "tokenizer": tokenizer,
             "teacher_id": common.fingerprint(teacher, constant)}
+
+
+def cached_teacher(cfg, manifest: dict, s_conf, tokenizer) -> dict:
+    """The teacher of an existing cache, checked against TEACHER and the student's tokenizer."""
+    check_manifest(manifest, cfg)
+    name, where = manifest["teacher"], f"TEACHER_CACHE={cfg.TEACHER_CACHE!r}"
+    if cfg.TEACHER is not None and cfg.TEACHER != name and (
+            common.model_files(cfg.TEACHER) is None
+            or common.fingerprint(cfg.TEACHER, "TEACHER") != manifest["teacher_fingerprint"]):
+        raise common.UserError(f"{where} holds the log-probabilities of {name!r}, not of "
+                               f"TEACHER={cfg.TEACHER!r}; leave TEACHER unset, or give a new "
+                               f"TEACHER_CACHE for another teacher")
+    if tokenizer_hash(tokenizer) != manifest["tokenizer"] or s_conf.vocab_size != manifest["vocab_size"]:
+        raise common.UserError(f"STUDENT={cfg.STUDENT!r} does not share the tokenizer of the "
+                               f"teacher {name!r} in {where}; the KL needs the same token ids")
+    return {"teacher": name, "teacher_id": manifest["teacher_fingerprint"], "t_conf": None,
+            "t_layers": manifest["teacher_layers"]}
 
 
 def start_position() -> dict:
@@ -663,6 +751,8 @@ def shard_models(model: Distiller, teacher, device: str, world: int, bf16: bool)
         fully_shard(layer, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
     register_fsdp_forward_method(model, "held_out")  # gathers the root group like forward
+    if teacher is None:  # read from a cache
+        return
     for layer in teacher.model.layers:
         fully_shard(layer, mesh=mesh)
     # the teacher never runs backward, which is where a root group is normally freed again
@@ -706,6 +796,273 @@ def full_student(model, student_dir: str):
                              if k.startswith("student.")})
     return student
 
+
+# ---- the teacher cache: the teacher's top-k log-probabilities, computed once -----------------
+# TEACHER_CACHE holds pare.json (the manifest: `new_manifest` builds it, `read_manifest` reads
+# it), eval.safetensors (the held-out rows) and train-NNNNNN.safetensors (the training rows in
+# row_stream's order, `shard_rows` a file). Per row and predicted token: `ids` (int32) and
+# `logp`, the teacher's k most likely next tokens, sorted by id, and their log-probabilities
+# (temperature 1); `rest`, the log of the teacher's probability outside them; `target`, its
+# log-probability of the actual next token (for its perplexity); per row `row_hash`, which the
+# reader compares with the rows the run reads, so other text can never meet these targets.
+
+CACHE_KEYS = ("stage", "format", "teacher", "teacher_fingerprint", "teacher_layers", "tokenizer",
+              "vocab_size", "data", "topk", "dtype", "shard_rows", "rows", "versions", "created")
+CACHE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def tokenizer_hash(tokenizer) -> str:
+    """A hash of what decides token ids: the vocabulary and the special tokens."""
+    h = hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(json.dumps([getattr(tokenizer, n) for n in ("bos_token", "eos_token", "pad_token",
+                                                         "unk_token")]
+                        + sorted(tokenizer.all_special_tokens)).encode())
+    return "sha256:" + h.hexdigest()[:32]
+
+
+def row_hashes(rows: torch.Tensor) -> torch.Tensor:
+    """A 64-bit hash of each row's token ids."""
+    return torch.tensor([int.from_bytes(hashlib.blake2b(r.numpy().astype("<i8").tobytes(),
+                                                        digest_size=8).digest(), "little", signed=True)
+                         for r in rows.cpu()], dtype=torch.int64)
+
+
+def cache_data(cfg) -> dict:
+    """The settings that decide which rows a cache holds, in which order."""
+    return {"DATASET": cfg.DATASET, "SEQ_LEN": cfg.SEQ_LEN, "EVAL_SAMPLES": cfg.EVAL_SAMPLES,
+            "_EVAL_DATASET": _EVAL_DATASET, "_SEED": _SEED}
+
+
+def new_manifest(cfg, m: dict) -> dict:
+    """The manifest of a new cache of `m`'s teacher (resolve_models' result) for this run's data."""
+    return {"stage": "teacher-cache", "format": 1, "teacher": m["teacher"],
+            "teacher_fingerprint": m["teacher_id"], "teacher_layers": m["t_layers"],
+            "tokenizer": tokenizer_hash(m["tokenizer"]), "vocab_size": m["t_conf"].vocab_size,
+            "data": cache_data(cfg), "topk": cfg.TOPK, "dtype": _CACHE_DTYPE,
+            "shard_rows": _CACHE_SHARD_ROWS, "rows": 0, "versions": common.versions(),
+            "created": common.now()}
+
+
+def read_manifest(path: Path) -> dict | None:
+    """The manifest of the cache at `path`, None when there is none yet."""
+    f = path / common.RECORD
+    if not f.is_file():
+        return None
+    try:
+        manifest = json.loads(f.read_text())
+    except ValueError as e:
+        raise common.UserError(f"{f} is not JSON ({e}); delete {path} to start the cache again") from None
+    if not isinstance(manifest, dict) or manifest.get("stage") != "teacher-cache":
+        raise common.UserError(f"TEACHER_CACHE={str(path)!r} is not a teacher cache (see its "
+                               f"{common.RECORD}); give a new directory")
+    missing = [k for k in CACHE_KEYS if k not in manifest]
+    if missing or manifest["format"] != 1 or manifest["dtype"] not in CACHE_DTYPES:
+        raise common.UserError(f"{f} is not a teacher cache manifest of this version (lacks "
+                               f"{missing}); delete {path} to start the cache again")
+    return manifest
+
+
+def check_manifest(manifest: dict, cfg):
+    """Refuse a cache written for other rows or another k before any work."""
+    now = {**cache_data(cfg), "TOPK": cfg.TOPK}
+    saved = {**manifest["data"], "TOPK": manifest["topk"]}
+    changed = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
+    if changed:
+        raise common.UserError(f"TEACHER_CACHE={cfg.TEACHER_CACHE!r} was written for other "
+                               f"settings {changed} (cache, now): its rows would not be this "
+                               f"run's; restore them or give a new TEACHER_CACHE")
+
+
+def write_manifest(path: Path, manifest: dict):
+    if common.is_first_process():
+        common.write_atomic(path / common.RECORD,
+                            lambda tmp: tmp.write_text(json.dumps(manifest, indent=2) + "\n"))
+
+
+def shard_path(path: Path, index: int) -> Path:
+    return path / f"train-{index:06d}.safetensors"
+
+
+def teacher_topk(teacher, rows: torch.Tensor, k: int, batch_size: int, chunk: int,
+                 dtype: torch.dtype, acc) -> dict:
+    """The cache's tensors for `rows` [n, L]: the teacher runs `batch_size` rows at a time and
+    its logits exist `chunk` tokens at a time, as in training (so that with k = vocab and
+    float32 the targets are exactly the live ones)."""
+    parts = {"ids": [], "logp": [], "rest": [], "target": []}
+    for ids in common.batches(rows.to(acc.device), batch_size):
+        with torch.no_grad(), acc.autocast():
+            h = teacher.model(input_ids=ids, use_cache=False).last_hidden_state[:, :-1].flatten(0, 1)
+            w = teacher.lm_head.weight.to(h.dtype)
+            wide = torch.promote_types(h.dtype, torch.float32)
+            y = ids[:, 1:].flatten()
+            for i in range(0, len(h), chunk):
+                lt = (h[i:i + chunk] @ w.T).to(wide).log_softmax(-1)
+                idx, top, rest = topk_entries(lt, k)
+                parts["ids"].append(idx.int().cpu())
+                parts["logp"].append(top.to(dtype).cpu())
+                parts["rest"].append(rest.to(dtype).cpu())
+                parts["target"].append(lt.gather(1, y[i:i + chunk, None])[:, 0].to(dtype).cpu())
+    shape = (len(rows), rows.shape[1] - 1)
+    out = {name: torch.cat(p).view(*shape, -1) for name, p in parts.items()}
+    out["rest"], out["target"] = out["rest"][..., 0], out["target"][..., 0]
+    return {**out, "row_hash": row_hashes(rows)}
+
+
+def topk_entries(lt: torch.Tensor, k: int) -> tuple:
+    """(ids, log-probabilities, log of the rest) of log-probabilities `lt` [n, vocab]: the k
+    largest, sorted by token id (so that k = vocab keeps the vocabulary's order), and the log of
+    the mass outside them (-inf when k = vocab)."""
+    top, idx = lt.topk(k, dim=-1)
+    idx, order = idx.sort(dim=-1)
+    return idx, top.gather(1, order), lt.scatter(1, idx, -math.inf).logsumexp(-1)
+
+
+def write_shard(path: Path, tensors: dict):
+    from safetensors.torch import save_file
+    common.write_atomic(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()},
+                                                    str(tmp)))
+
+
+def fill_cache(path: Path, manifest: dict, teacher, tokenizer, cfg, env: dict, n_shards: int):
+    """Write the shards below `n_shards` (and the held-out rows' file) that `path` lacks: each
+    process its own share (shard i: process i mod world), reading the same row stream as
+    training. A shard appears whole or not at all, so a killed fill resumes where it stopped."""
+    acc, rank, world = env["acc"], env["rank"], env["world"]
+    rows_per, k, dtype = manifest["shard_rows"], manifest["topk"], CACHE_DTYPES[manifest["dtype"]]
+    todo = [s for s in range(n_shards) if s % world == rank and not shard_path(path, s).is_file()]
+    mine_eval = rank == 0 and len(env["eval_rows"]) and not (path / "eval.safetensors").is_file()
+    n_tokens = (len(todo) * rows_per + (len(env["eval_rows"]) if mine_eval else 0)) * (cfg.SEQ_LEN - 1)
+    bar = tqdm(total=n_tokens, desc="teacher cache", unit="tok", unit_scale=True,
+               disable=not common.is_first_process())
+    t0, written = time.time(), 0
+    args = (k, cfg.BATCH_SIZE, _CHUNK_TOKENS, dtype, acc)
+    if mine_eval:
+        write_shard(path / "eval.safetensors", teacher_topk(teacher, env["eval_rows"], *args))
+        bar.update(len(env["eval_rows"]) * (cfg.SEQ_LEN - 1))
+    stream = row_stream(cfg.DATASET, tokenizer, cfg.SEQ_LEN, _SEED, env["held"], start_position())
+    for s in range(max(todo) + 1 if todo else 0):
+        rows = torch.stack([next(stream) for _ in range(rows_per)])  # every process reads all
+        if s in todo:
+            write_shard(shard_path(path, s), teacher_topk(teacher, rows, *args))
+            written += shard_path(path, s).stat().st_size
+            bar.update(rows_per * (cfg.SEQ_LEN - 1))
+    bar.close()
+    if todo:
+        dt, tok = time.time() - t0, len(todo) * rows_per * (cfg.SEQ_LEN - 1)
+        common.print0(f"teacher cache: {len(todo)} shards, {tok:,} tokens in {dt:.1f}s "
+                      f"({tok / dt:,.0f} tokens/s this process), {written / tok:.1f} bytes per token "
+                      f"(k={k}, {manifest['dtype']}: {6 if dtype != torch.float32 else 8} bytes a "
+                      f"kept logit)")
+
+
+def prepare_cache(cfg, m: dict, env: dict, n_rows: int):
+    """The TeacherCache of this run, holding its first `n_rows` training rows and its held-out
+    rows: filled with the teacher first where it lacks them (the teacher loaded only then)."""
+    path = Path(cfg.TEACHER_CACHE)
+    manifest = read_manifest(path)
+    if manifest is None:
+        manifest = new_manifest(cfg, m)
+        with common.writing(path):
+            if common.is_first_process():
+                path.mkdir(parents=True, exist_ok=True)
+        write_manifest(path, manifest)  # marks the directory as a cache before any shard
+    n_shards = math.ceil(n_rows / manifest["shard_rows"])
+    have = sum(shard_path(path, s).is_file() for s in range(n_shards))
+    lacks_eval = len(env["eval_rows"]) > 0 and not (path / "eval.safetensors").is_file()
+    if have < n_shards or lacks_eval:
+        common.print0(f"teacher cache: {path} holds {have} of the {n_shards} shards this run "
+                      f"needs ({n_rows} rows){' and not the held-out rows' if lacks_eval else ''}; "
+                      f"filling them with the teacher {manifest['teacher']}")
+        teacher = cache_teacher(manifest, str(env["acc"].device), env["dtype"])
+        fill_cache(path, manifest, teacher, m["tokenizer"], cfg, env, n_shards)
+        del teacher
+        env["acc"].wait_for_everyone()
+        manifest["rows"] = max(manifest["rows"], n_shards * manifest["shard_rows"])
+        write_manifest(path, manifest)
+    common.print0(f"teacher cache: {path}, k={manifest['topk']} of {manifest['teacher']}'s "
+                  f"log-probabilities, {manifest['rows']} rows; no teacher runs in training")
+    return TeacherCache(path, manifest)
+
+
+def cache_teacher(manifest: dict, device: str, dtype: torch.dtype):
+    """The teacher a cache was begun with, refused if it changed since (by content)."""
+    name = manifest["teacher"]
+    try:
+        teacher = load_teacher(name, device, dtype)  # first: a hub model's files are then there
+    except common.UserError as e:
+        raise common.UserError(f"the teacher cache lacks rows this run needs, and its teacher "
+                               f"cannot be read ({e})") from None
+    now = common.fingerprint(name, "the teacher in TEACHER_CACHE's manifest")
+    if now != manifest["teacher_fingerprint"]:
+        raise common.UserError(f"the teacher {name!r} changed since its cache was begun "
+                               f"(fingerprint {manifest['teacher_fingerprint']}, now {now}); "
+                               f"give a new TEACHER_CACHE")
+    return teacher
+
+
+class TeacherCache:
+    """Reads a cache's targets for given rows (training rows by their index in row_stream's
+    order, or the held-out rows) and checks that the rows are the ones it was written for."""
+
+    def __init__(self, path: Path, manifest: dict):
+        self.path, self.manifest, self.files = path, manifest, {}
+
+    def _open(self, file: Path):
+        from safetensors import safe_open
+        if file not in self.files:
+            if not file.is_file():
+                raise common.UserError(f"{file} is missing from the teacher cache; run the same "
+                                       f"command again to fill it (the teacher is needed)")
+            self.files = {file: safe_open(str(file), framework="pt")}  # one open file at a time
+        return self.files[file]
+
+    def _check(self, got: torch.Tensor, rows: torch.Tensor, where: str):
+        if not torch.equal(got, row_hashes(rows)):
+            raise common.UserError(f"the teacher cache {self.path} holds other text at {where} "
+                                   f"than this run reads (was DATASET changed since the cache was "
+                                   f"written?); give a new TEACHER_CACHE")
+
+    def train_rows(self, start: int, rows: torch.Tensor) -> dict:
+        """Targets of training rows start .. start + len(rows) - 1 (`rows`: their token ids)."""
+        per, parts = self.manifest["shard_rows"], []
+        i, end = start, start + len(rows)
+        while i < end:
+            s, off = divmod(i, per)
+            n = min(end - i, per - off)
+            f = self._open(shard_path(self.path, s))
+            parts.append({k: f.get_slice(k)[off:off + n] for k in f.keys()})
+            i += n
+        out = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        self._check(out.pop("row_hash"), rows, f"training rows {start}..{end - 1}")
+        return out
+
+    def held_out(self, rows: torch.Tensor) -> dict:
+        f = self._open(self.path / "eval.safetensors")
+        out = {k: f.get_tensor(k) for k in f.keys()}
+        self._check(out.pop("row_hash"), rows, "the held-out rows")
+        return out
+
+
+def cached_evaluate(student, rows: torch.Tensor, batch_size: int, targets: dict,
+                    chunk: int) -> dict:
+    """common.evaluate's metrics with the teacher read from a cache: KL as `topk_kl` (k + 1
+    buckets, a lower bound of the full KL), the teacher's perplexity from its cached
+    log-probability of each next token."""
+    nll_s = nll_t = kl = 0.0
+    count = 0
+    for b, ids in enumerate(common.batches(rows, batch_size)):
+        hs = common.final_hidden(student, ids)[:, :-1].flatten(0, 1)
+        t = {k: v[b * batch_size:b * batch_size + len(ids)].flatten(0, 1).to(hs.device)
+             for k, v in targets.items()}
+        labels = ids[:, 1:].flatten().to(hs.device)
+        for i in range(0, len(labels), chunk):
+            ls = student.lm_head(hs[i:i + chunk]).float().log_softmax(-1)
+            nll_s -= ls.gather(1, labels[i:i + chunk, None]).sum().item()
+            kl += topk_kl(ls, *(t[n][i:i + chunk] for n in ("ids", "logp", "rest")))[0].item()
+        nll_t -= t["target"].double().sum().item()
+        count += len(labels)
+    return {"student_ppl": math.exp(nll_s / count), "teacher_ppl": math.exp(nll_t / count),
+            "kl": kl / count, "tokens": count}
 
 
 
@@ -908,8 +1265,9 @@ def select(cfg, runs: list, ms: list, env: dict, ends: list[int], select_dir: Pa
     record = read_selection(select_dir, cfg, runs, ms, ends)
     write_selection(select_dir / common.RECORD, record)  # marks select_dir before any checkpoint
     entries = record["candidates"]
-    teacher = load_teacher(ms[0]["teacher"], str(acc.device), env["dtype"])
-    print_memory(ms[0]["s_conf"], ms[0]["t_conf"], env["dtype"], 1, env["device"])
+    cached = env["cache"] is not None
+    teacher = None if cached else load_teacher(ms[0]["teacher"], str(acc.device), env["dtype"])
+    print_memory(ms[0]["s_conf"], None if cached else ms[0]["t_conf"], env["dtype"], 1, env["device"])
     alive = list(range(len(runs)))
     for r, end in enumerate(ends):
         common.print0(f"selection round {r + 1}/{len(ends)}: {len(alive)} candidates to step {end} "
@@ -1013,18 +1371,21 @@ def print_memory(s_conf, t_conf, dtype: torch.dtype, shards: int, device: str):
 
 
 def load_pair(cfg, teacher_name: str, configs: tuple, dtype: torch.dtype, device: str,
-              shard: bool, rank: int, teacher=None):
-    """(student in float32, ready to train; teacher in `dtype`, frozen: `teacher` when given).
+              shard: bool, rank: int, teacher=None, cached: bool = False):
+    """(student in float32, ready to train; teacher in `dtype`, frozen: `teacher` when given,
+    None when `cached`, i.e. a teacher cache stands in for it).
     Under FSDP they are read into CPU memory by the first process only (FSDP moves each shard to
     the device as it cuts it); the other processes get empty models of `configs` (student's,
     teacher's) and receive their shards later."""
     if shard and rank > 0:
-        student, teacher = empty_model(configs[0], torch.float32), empty_model(configs[1], dtype)
+        student = empty_model(configs[0], torch.float32)
+        teacher = None if cached else empty_model(configs[1], dtype)
     else:
         where = "cpu" if shard else device
         student = common.load_model(cfg.STUDENT, where, torch.float32, "STUDENT")
-        teacher = teacher or load_teacher(teacher_name, where, dtype)
-    teacher.requires_grad_(False)
+        teacher = None if cached else teacher or load_teacher(teacher_name, where, dtype)
+    if teacher is not None:
+        teacher.requires_grad_(False)
     if cfg.GRADIENT_CHECKPOINTING:
         kwargs = {"use_reentrant": False}
         if hasattr(student, "activation_checkpointing_enable"):  # transformers >= 5.2x
@@ -1039,14 +1400,22 @@ def load_teacher(name: str, device: str, dtype: torch.dtype):
     return common.load_model(name, device, dtype, "TEACHER").requires_grad_(False)
 
 
-def build_distiller(student, teacher, record: dict, same_source: bool, dev: str, shard: bool,
-                    world: int, rank: int, bf16: bool) -> tuple:
+def build_distiller(student, teacher, m: dict, dev: str, shard: bool, world: int, rank: int,
+                    bf16: bool) -> tuple:
     """(Distiller: the student plus the hidden-state map, sharded under FSDP; the hidden-state
-    pairs, empty unless the depth cut reaches _HIDDEN_LOSS_DEPTH_CUT)."""
-    s_conf, t_conf = student.config, teacher.config
-    n_s, n_t = s_conf.num_hidden_layers, t_conf.num_hidden_layers
+    pairs, empty unless the depth cut reaches _HIDDEN_LOSS_DEPTH_CUT and the teacher runs: a
+    teacher cache (`teacher` None) holds its logits only). `m`: resolve_models' result."""
+    s_conf, record = student.config, m["record"]
+    same_source = m["teacher"] == record.get("source_model")
+    n_s, n_t = s_conf.num_hidden_layers, m["t_layers"]
     pairs, kept_hidden = [], None
-    if use_hidden_loss(n_s, n_t, _HIDDEN_LOSS_DEPTH_CUT):
+    deep_cut = use_hidden_loss(n_s, n_t, _HIDDEN_LOSS_DEPTH_CUT)
+    if deep_cut and teacher is None:
+        common.print0(f"warning: the depth cut ({1 - n_s / n_t:.0%} of the layers) would add the "
+                      f"hidden-state loss, which a teacher cache cannot give (it holds logits "
+                      f"only): training on the logit KL alone")
+    elif deep_cut:
+        t_conf = teacher.config
         kept = record["kept"]["layers"] if record else list(range(n_s))
         if len(kept) != n_s:
             raise common.UserError(f"{common.RECORD} lists {len(kept)} kept layers but STUDENT "
@@ -1054,21 +1423,25 @@ def build_distiller(student, teacher, record: dict, same_source: bool, dev: str,
         n_source = record["source_shape"]["num_hidden_layers"] if record else n_t
         pairs = hidden_pairs(kept, n_source, n_t, _HIDDEN_LOSS_LAYERS)
         kept_hidden = record["kept"]["hidden"] if record and same_source else None
-    proj = make_proj(s_conf.hidden_size, t_conf.hidden_size, kept_hidden) if pairs else None
+        proj = make_proj(s_conf.hidden_size, t_conf.hidden_size, kept_hidden)
     settings = {"temperature": _TEMPERATURE, "kl_w": _KL_WEIGHT, "ce_w": _CE_WEIGHT,
                 "chunk": _CHUNK_TOKENS}
     model = Distiller(student, proj.to(student.device) if pairs else torch.nn.Identity(), pairs,
                       settings)
     if shard:
-        full = (model.state_dict(), teacher.state_dict()) if rank == 0 else ({}, {})
+        full = ((model.state_dict(), teacher.state_dict() if teacher else {}) if rank == 0
+                else ({}, {}))
         shard_models(model, teacher, dev, world, bf16)
-        if rank == 0:  # the others' lm_head is still empty: broadcast_weights places it
+        if rank == 0 and teacher:  # the others' lm_head is still empty: broadcast_weights places it
             teacher.lm_head.to(dev)
         broadcast_weights(model, full[0], dev, rank)
-        broadcast_weights(teacher, full[1], dev, rank)
-        (s_mine, s_all), (t_mine, t_all) = local_share(model), local_share(teacher.model)
-        common.print0(f"fsdp: {world} processes; this one holds {s_mine:,} of {s_all:,} student "
-                      f"parameters and {t_mine:,} of {t_all:,} teacher decoder parameters")
+        s_mine, s_all = local_share(model)
+        held = f"{s_mine:,} of {s_all:,} student parameters"
+        if teacher:
+            broadcast_weights(teacher, full[1], dev, rank)
+            t_mine, t_all = local_share(teacher.model)
+            held += f" and {t_mine:,} of {t_all:,} teacher decoder parameters"
+        common.print0(f"fsdp: {world} processes; this one holds {held}")
     common.print0(f"hidden_loss: {'on, (student, teacher) hidden states ' + str(pairs) if pairs else 'off'} "
                   f"(depth cut {1 - n_s / n_t:.0%}, threshold {_HIDDEN_LOSS_DEPTH_CUT:.0%})")
     return model, pairs
@@ -1085,23 +1458,27 @@ def make_optimizer(model, lr: float, plan: dict):
 
 
 def train_step(model, teacher, rows: torch.Tensor, plan: dict, pairs: list, acc, shard: bool,
-               dev: str) -> dict:
+               dev: str, cached: dict | None = None) -> dict:
     """One optimizer step's forward and backward over this process's `rows` in micro-batches
     (gradients clipped, not yet applied): the mean loss, KL, CE, hidden loss and gradient norm
-    over all processes."""
+    over all processes. `cached`: the rows' targets from a teacher cache (then no teacher runs)."""
     micro = rows.view(plan["accum"], -1, rows.shape[-1]).to(dev)
-    need_teacher = _KL_WEIGHT > 0 or bool(pairs)
     total = torch.zeros(4, dtype=torch.float64, device=dev)  # loss, kl, ce, hid
     for k, ids in enumerate(micro):
-        t_last, t_states = None, {}
-        if need_teacher:
+        target, t_states = None, {}
+        if cached is not None and _KL_WEIGHT > 0:
+            part = slice(k * len(ids), (k + 1) * len(ids))
+            target = ("topk", *(cached[n][part].flatten(0, 1).to(dev) for n in ("ids", "logp", "rest")))
+        elif _KL_WEIGHT > 0 or pairs:
             with torch.no_grad(), acc.autocast(), hidden_states(teacher, [j for _, j in pairs]) as t_states:
                 t_last = teacher.model(input_ids=ids, use_cache=False).last_hidden_state
+            if _KL_WEIGHT > 0:
+                target = ("logits", t_last[:, :-1].flatten(0, 1), teacher.lm_head.weight)
         # FSDP reduce-scatters every micro-batch's gradients: skipping that would keep whole
         # float32 gradients on every process until the last one
         sync = acc.no_sync(model) if k < len(micro) - 1 and not shard else contextlib.nullcontext()
         with sync:
-            loss, stats, hid, n_tok = model(ids, t_last, t_states, teacher.lm_head.weight)
+            loss, stats, hid, n_tok = model(ids, target, t_states)
             acc.backward(loss / len(micro))
         total += torch.stack([loss.detach().double(), stats[0] / n_tok, stats[1] / n_tok,
                               hid.double()]) / len(micro)
@@ -1133,19 +1510,20 @@ def log_line(step: int, plan: dict, m: dict, lr: float, dt: float, pairs: list) 
             f"{plan['tokens_per_step'] / dt:,.0f} tok/s | {dt:.2f}s")
 
 
-def held_out(inner, rows: torch.Tensor, teacher, acc, batch_size: int) -> dict:
-    """Held-out KL and perplexity of the student (every process under FSDP, else the first)."""
+def held_out(inner, rows: torch.Tensor, teacher, acc, batch_size: int, cache=None) -> dict:
+    """Held-out KL and perplexity of the student (every process under FSDP, else the first),
+    against the live teacher or its `cache`."""
     if not len(rows):
         return {}
     inner.student.eval()
     with acc.autocast():
-        m = inner.held_out(rows.to(acc.device), batch_size, teacher, _CHUNK_TOKENS)
+        m = inner.held_out(rows.to(acc.device), batch_size, teacher, _CHUNK_TOKENS, cache)
     inner.student.train()
     return m
 
 
 def write_output(model, inner, cfg, m: dict, summary: dict, pairs: list, shard: bool, world: int,
-                 out_dir: Path):
+                 out_dir: Path, cache=None):
     """The final HF directory (first process), its pare.json extending the student's."""
     student = full_student(model, cfg.STUDENT) if shard else (
         inner.student if common.is_first_process() else None)
@@ -1162,6 +1540,8 @@ def write_output(model, inner, cfg, m: dict, summary: dict, pairs: list, shard: 
         "throughput": {k: summary[k] for k in ("tokens_per_s", "tflops_per_device", "mfu",
                                                "peak_memory_gib")},
         "hidden_loss_pairs": pairs, "metrics": {"start": summary["start"], "final": summary["final"]},
+        "teacher_cache": cache and {"path": str(cache.path), **{k: cache.manifest[k] for k in (
+            "topk", "dtype", "rows", "tokenizer")}},
         "created": common.now()})
     common.write_checkpoint(student, cfg.STUDENT, out_dir, record,
                             dtype=common.stored_dtype(m["s_conf"]))
@@ -1212,6 +1592,10 @@ def main(argv: list[str]) -> dict:
     check_candidates(runs, ms)
     inputs = {"TEACHER": ms[0]["teacher"], "DATASET": cfg.DATASET, "_EVAL_DATASET": _EVAL_DATASET,
               **{f"STUDENT {c.STUDENT!r}": c.STUDENT for c in runs}}
+    if cfg.TEACHER_CACHE:  # read and written: never an input, and never inside an output
+        common.check_output(cfg.TEACHER_CACHE, "TEACHER_CACHE", inputs,
+                            lambda p: common.is_record_of(p, "teacher-cache"))
+        inputs["TEACHER_CACHE"] = cfg.TEACHER_CACHE
     out_dir = common.check_output(cfg.OUTPUT, "OUTPUT", inputs,
                                   lambda p: common.is_record_of(p, "distill"))
     root = common.check_output(f"{cfg.OUTPUT.rstrip('/')}-checkpoints", "OUTPUT's checkpoint "
@@ -1227,7 +1611,10 @@ def main(argv: list[str]) -> dict:
     eval_rows, held = held_out_rows(cfg, ms[0]["tokenizer"])  # data fails before any model loads
     env = {"acc": acc, "world": world, "rank": rank, "shard": shard, "plan": plan,
            "device": device, "dtype": common.pick_dtype(_DTYPE, device), "eval_rows": eval_rows,
-           "held": held}
+           "held": held, "cache": None}
+    if cfg.TEACHER_CACHE:  # the rows of the whole run: the winner's too when selecting
+        last = rounds[-1] if rounds and cfg.MAX_STEPS is None else plan["stop"]
+        env["cache"] = prepare_cache(cfg, ms[0], env, last * cfg.GLOBAL_BATCH)
     if select_dir is None:
         summary = distill_one(cfg, ms[0], env, root, out_dir, plan["stop"])
     else:
@@ -1259,15 +1646,14 @@ def distill_one(cfg, m: dict, env: dict, root: Path, out_dir: Path, stop: int, t
                      if step < stop else None)
 
     if teacher is None:
-        print_memory(m["s_conf"], m["t_conf"], env["dtype"], world if shard else 1, env["device"])
+        print_memory(m["s_conf"], None if env["cache"] else m["t_conf"], env["dtype"],
+                     world if shard else 1, env["device"])
     from accelerate.utils import set_seed
     set_seed(_SEED)
     t0 = time.time()
     student, teacher = load_pair(cfg, m["teacher"], (m["s_conf"], m["t_conf"]), env["dtype"],
-                                 str(acc.device), shard, rank, teacher)
-    model, pairs = build_distiller(student, teacher, m["record"],
-                                   m["teacher"] == m["record"].get("source_model"),
-                                   str(acc.device), shard, world, rank,
+                                 str(acc.device), shard, rank, teacher, env["cache"] is not None)
+    model, pairs = build_distiller(student, teacher, m, str(acc.device), shard, world, rank,
                                    env["device"].startswith("cuda"))
     optimizer, scheduler = make_optimizer(model, cfg.LR, plan)
     if not shard:
@@ -1279,29 +1665,31 @@ def distill_one(cfg, m: dict, env: dict, root: Path, out_dir: Path, stop: int, t
         common.print0(f"resume: {saved[-1]} (step {step}, {progress['tokens']} tokens seen)")
     common.print0(f"models: student {cfg.STUDENT} {m['s_conf'].architectures} "
                   f"{m['s_conf'].num_hidden_layers} layers, teacher {m['teacher']} "
-                  f"{m['t_conf'].num_hidden_layers} layers, on {acc.device} ({world} "
+                  f"{m['t_layers']} layers{' (from its cache)' if env['cache'] else ''}, on "
+                  f"{acc.device} ({world} "
                   f"process{'es' if world > 1 else ''}), loaded in {time.time() - t0:.1f}s")
     common.print0(f"batch: {cfg.GLOBAL_BATCH} rows x {cfg.SEQ_LEN} tokens = "
                   f"{plan['tokens_per_step']} tokens/step = {world} processes x {plan['accum']} "
                   f"micro-batches x {cfg.BATCH_SIZE} rows; {plan['max_steps']} steps = "
                   f"{plan['max_steps'] * plan['tokens_per_step'] / 1e6:.2f}M tokens")
     summary = train(cfg, model, teacher, optimizer, scheduler, acc, data, plan, pairs, shard, root,
-                    progress, m)
+                    progress, m, env["cache"])
     if summary["finished"] or always_write:
         write_output(model, acc.unwrap_model(model) if not shard else model, cfg, m, summary,
-                     pairs, shard, world, out_dir)
+                     pairs, shard, world, out_dir, env["cache"])
         summary["output"] = str(out_dir)
     acc.free_memory()  # the accelerator forgets this student and its optimizer
     return summary
 
 
 def train(cfg, model, teacher, optimizer, scheduler, acc, data: dict, plan: dict, pairs: list,
-          shard: bool, root: Path, progress: dict | None, m: dict) -> dict:
+          shard: bool, root: Path, progress: dict | None, m: dict, cache=None) -> dict:
     """The training loop from the checkpoint `progress` (None: the start) to plan["stop"]:
     steps, log lines, held-out evaluations, checkpoints, and a checkpoint then a stop on the
     first Ctrl-C or SIGTERM. `data`: the row stream, its position, the first batch (already read,
-    so that data errors come before loading) and the held-out rows; `m`: resolve_models' result.
-    Returns the run summary."""
+    so that data errors come before loading) and the held-out rows; `m`: resolve_models' result;
+    `cache`: the TeacherCache that replaces `teacher` (None: the live teacher). Returns the run
+    summary."""
     dev, world, rank = str(acc.device), acc.num_processes, acc.process_index
     settings = {**vars(cfg), **common.recipe(globals())}
     eval_rows, first = data["eval_rows"], data["first"]
@@ -1311,17 +1699,17 @@ def train(cfg, model, teacher, optimizer, scheduler, acc, data: dict, plan: dict
     ref_loss = progress["ref_loss"] if progress else None
     start = progress["start"] if progress else {}
     if not progress and evaluating:
-        start = held_out(inner, eval_rows, teacher, acc, cfg.BATCH_SIZE)
+        start = held_out(inner, eval_rows, teacher, acc, cfg.BATCH_SIZE, cache)
         if start:
             common.print0(f"teacher: held-out ppl {start['teacher_ppl']:.3f} on {start['tokens']} "
                           f"tokens (reference)")
             common.print0(f"eval step {0:>6} | kl {start['kl']:.4f} | ppl {start['student_ppl']:.3f}")
     peak = peak_tflops(dev, _PEAK_TFLOPS)
     t_flops = (forward_flops_per_token(teacher.config, cfg.SEQ_LEN, lm_head=_KL_WEIGHT > 0)
-               if _KL_WEIGHT > 0 or pairs else 0)
+               if (_KL_WEIGHT > 0 or pairs) and cache is None else 0)
     flops_token = 3 * forward_flops_per_token(inner.student.config, cfg.SEQ_LEN) + t_flops
     common.print0(f"flops: {flops_token / 1e9:.3f} GFLOP per token (student forward+backward 3x"
-                  f"{', teacher forward 1x' if t_flops else ', no teacher'}); MFU against "
+                  f"{', teacher forward 1x' if t_flops else ', no teacher forward'}); MFU against "
                   f"{f'{peak:g} TFLOP/s per device' if peak else 'no known peak (_PEAK_TFLOPS)'}")
 
     # the held-out metrics of the last step: at step 0 the start's; a resumed run measures again
@@ -1333,7 +1721,9 @@ def train(cfg, model, teacher, optimizer, scheduler, acc, data: dict, plan: dict
             rows = first if first is not None else local_batch(data["stream"], cfg.GLOBAL_BATCH,
                                                                rank, world)
             first = None
-            s = train_step(model, teacher, rows, plan, pairs, acc, shard, dev)
+            cached = (cache.train_rows(step * cfg.GLOBAL_BATCH + rank * len(rows), rows)
+                      if cache is not None else None)  # this process's rows of the global batch
+            s = train_step(model, teacher, rows, plan, pairs, acc, shard, dev, cached)
             ref_loss = s["loss"] if ref_loss is None else ref_loss
             check_loss(s, step + 1, ref_loss, root)
             lr = scheduler.get_last_lr()[0]
@@ -1348,7 +1738,7 @@ def train(cfg, model, teacher, optimizer, scheduler, acc, data: dict, plan: dict
             if step % _LOG_EVERY == 0 or step == plan["stop"]:
                 common.print0(log_line(step, plan, s, lr, dt, pairs))
             if len(eval_rows) and (step % _EVAL_EVERY == 0 or step == plan["stop"]) and evaluating:
-                metrics = held_out(inner, eval_rows, teacher, acc, cfg.BATCH_SIZE)
+                metrics = held_out(inner, eval_rows, teacher, acc, cfg.BATCH_SIZE, cache)
                 common.print0(f"eval step {step:>6} | kl {metrics['kl']:.4f} | ppl "
                               f"{metrics['student_ppl']:.3f}")
             stop = request["stop"] and step < plan["max_steps"]
@@ -1366,7 +1756,7 @@ def train(cfg, model, teacher, optimizer, scheduler, acc, data: dict, plan: dict
                                          f"same command again to resume")
     bar.close()
     if not metrics and len(eval_rows) and evaluating:  # resumed at the last step: nothing ran
-        metrics = held_out(inner, eval_rows, teacher, acc, cfg.BATCH_SIZE)
+        metrics = held_out(inner, eval_rows, teacher, acc, cfg.BATCH_SIZE, cache)
     tok_s = tok_run / t_train if tok_run else 0.0
     tflops = tok_s * flops_token / world / 1e12  # per device
     return {"steps": step, "max_steps": plan["max_steps"], "tokens": tokens, "losses": losses,

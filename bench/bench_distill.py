@@ -60,7 +60,7 @@ def memory(variant: str, tokens: int) -> dict:
     else:
         base = rss_bytes()
     if variant == "chunked":
-        loss, _ = distill.logit_loss(h_s, w_s, h_t, w_t, y, chunk=CHUNK)
+        loss, _ = distill.logit_loss(h_s, w_s, ("logits", h_t, w_t), y, chunk=CHUNK)
     else:
         loss = distill.direct_logit_loss(h_s, w_s, h_t, w_t, y)
     loss.backward()

@@ -104,7 +104,7 @@ def test_chunked_loss_equals_full_logits(temperature, kl_w, ce_w):
     want = distill.direct_logit_loss(h_s, w_s, h_t, w_t, y, temperature, kl_w, ce_w)
     gh, gw = torch.autograd.grad(want * 3, (h_s, w_s))
     for chunk in (7, 50, 64):
-        got, stats = distill.logit_loss(h_s, w_s, h_t, w_t, y, temperature, kl_w, ce_w, chunk)
+        got, stats = distill.logit_loss(h_s, w_s, ("logits", h_t, w_t), y, temperature, kl_w, ce_w, chunk)
         ch, cw = torch.autograd.grad(got * 3, (h_s, w_s))  # upstream gradient is applied
         torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(ch, gh, rtol=1e-6, atol=1e-9)
@@ -124,8 +124,8 @@ def test_chunked_loss_float32_model_gradients():
         student.zero_grad()
         h_s = common.final_hidden(student, ids)[:, :-1].flatten(0, 1)
         if chunked:
-            loss, _ = distill.logit_loss(h_s, student.lm_head.weight, h_t, teacher.lm_head.weight,
-                                         y, chunk=11)
+            loss, _ = distill.logit_loss(h_s, student.lm_head.weight,
+                                         ("logits", h_t, teacher.lm_head.weight), y, chunk=11)
         else:
             loss = distill.direct_logit_loss(h_s, student.lm_head.weight, h_t,
                                              teacher.lm_head.weight, y)

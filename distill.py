@@ -938,6 +938,7 @@ def fill_cache(path: Path, manifest: dict, teacher, tokenizer, cfg, env: dict, n
     args = (k, cfg.BATCH_SIZE, _CHUNK_TOKENS, dtype, acc)
     if mine_eval:
         write_shard(path / "eval.safetensors", teacher_topk(teacher, env["eval_rows"], *args))
+        written += (path / "eval.safetensors").stat().st_size
         bar.update(len(env["eval_rows"]) * (cfg.SEQ_LEN - 1))
     stream = row_stream(cfg.DATASET, tokenizer, cfg.SEQ_LEN, _SEED, env["held"], start_position())
     for s in range(max(todo) + 1 if todo else 0):
@@ -947,19 +948,20 @@ def fill_cache(path: Path, manifest: dict, teacher, tokenizer, cfg, env: dict, n
             written += shard_path(path, s).stat().st_size
             bar.update(rows_per * (cfg.SEQ_LEN - 1))
     bar.close()
-    if todo:
-        dt, tok = time.time() - t0, len(todo) * rows_per * (cfg.SEQ_LEN - 1)
+    dt, tok = time.time() - t0, n_tokens
+    if tok:
         common.print0(f"teacher cache: {len(todo)} shards, {tok:,} tokens in {dt:.1f}s "
                       f"({tok / dt:,.0f} tokens/s this process), {written / tok:.1f} bytes per token "
                       f"(k={k}, {manifest['dtype']}: {6 if dtype != torch.float32 else 8} bytes a "
                       f"kept logit)")
+    return {"tokens": tok, "seconds": dt, "bytes": written}
 
 
 def prepare_cache(cfg, m: dict, env: dict, n_rows: int):
     """The TeacherCache of this run, holding its first `n_rows` training rows and its held-out
     rows: filled with the teacher first where it lacks them (the teacher loaded only then)."""
     path = Path(cfg.TEACHER_CACHE)
-    manifest = read_manifest(path)
+    manifest, filled = read_manifest(path), None
     if manifest is None:
         manifest = new_manifest(cfg, m)
         with common.writing(path):
@@ -974,14 +976,14 @@ def prepare_cache(cfg, m: dict, env: dict, n_rows: int):
                       f"needs ({n_rows} rows){' and not the held-out rows' if lacks_eval else ''}; "
                       f"filling them with the teacher {manifest['teacher']}")
         teacher = cache_teacher(manifest, str(env["acc"].device), env["dtype"])
-        fill_cache(path, manifest, teacher, m["tokenizer"], cfg, env, n_shards)
+        filled = fill_cache(path, manifest, teacher, m["tokenizer"], cfg, env, n_shards)
         del teacher
         env["acc"].wait_for_everyone()
         manifest["rows"] = max(manifest["rows"], n_shards * manifest["shard_rows"])
         write_manifest(path, manifest)
     common.print0(f"teacher cache: {path}, k={manifest['topk']} of {manifest['teacher']}'s "
                   f"log-probabilities, {manifest['rows']} rows; no teacher runs in training")
-    return TeacherCache(path, manifest)
+    return TeacherCache(path, manifest, filled)
 
 
 def cache_teacher(manifest: dict, device: str, dtype: torch.dtype):
@@ -1004,8 +1006,9 @@ class TeacherCache:
     """Reads a cache's targets for given rows (training rows by their index in row_stream's
     order, or the held-out rows) and checks that the rows are the ones it was written for."""
 
-    def __init__(self, path: Path, manifest: dict):
+    def __init__(self, path: Path, manifest: dict, filled: dict | None = None):
         self.path, self.manifest, self.files = path, manifest, {}
+        self.filled = filled  # what this run wrote into it: tokens, seconds, bytes (this process)
 
     def _open(self, file: Path):
         from safetensors import safe_open
@@ -1620,6 +1623,8 @@ def main(argv: list[str]) -> dict:
     else:
         summary = select(cfg, runs, ms, env, rounds, select_dir, root, out_dir)
     acc.wait_for_everyone()
+    if env["cache"]:
+        summary["cache_filled"] = env["cache"].filled
     print_summary(summary, "cuda allocated" if device.startswith("cuda") else "process RSS")
     return summary
 

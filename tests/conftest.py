@@ -93,6 +93,22 @@ def llama_dir(tmp_path_factory):
     return save_model(make_model(llama_config()), tmp_path_factory.mktemp("llama"))
 
 
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    """A tiny confident Olmo 3 teacher (distill's tests; helpers in test_distill.py)."""
+    from test_distill import make_teacher
+    return save_model(make_teacher(), tmp_path_factory.mktemp("teacher"))
+
+
+@pytest.fixture(scope="module")
+def student_dir(teacher_dir, tmp_path_factory):
+    """Width-pruned student (ffn 96 -> 48, all 4 layers): no hidden-state loss."""
+    from test_distill import make_teacher, prune_like, write_student
+    layers = [0, 1, 2, 3]
+    return write_student(teacher_dir, prune_like(make_teacher(), layers, ffn=48), layers,
+                         tmp_path_factory.mktemp("student"))
+
+
 @pytest.fixture(scope="session")
 def text_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "corpus.txt"

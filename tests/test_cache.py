@@ -9,9 +9,8 @@ import torch
 
 import common
 import distill
-from conftest import ROOT, make_model, olmo3_config, recipe, save_model, script_cmd
-from test_distill import (launch_cmd, logged_losses, make_teacher, prune_like, run, student_dir,  # noqa: F401
-                          teacher_dir, write_student)
+from conftest import ROOT, make_model, olmo3_config, recipe, script_cmd
+from test_distill import launch_cmd, make_teacher, prune_like, run, write_student
 
 VOCAB = 320  # the tiny models' vocabulary: TOPK=320 caches every logit
 
@@ -171,7 +170,8 @@ def test_one_and_two_processes_write_the_same_cache(student_dir, teacher_dir, te
 def test_a_killed_fill_resumes_to_the_same_files(student_dir, teacher_dir, text_file, tmp_path,
                                                  monkeypatch):
     args = ["TOPK=16", "MAX_STEPS=3", "_CACHE_SHARD_ROWS=2"]
-    run(student_dir, teacher_dir, text_file, tmp_path / "ref", f"TEACHER_CACHE={tmp_path / 'ref-cache'}", *args)
+    run(student_dir, teacher_dir, text_file, tmp_path / "ref",
+        f"TEACHER_CACHE={tmp_path / 'ref-cache'}", *args)
     import safetensors.torch
     real, calls = safetensors.torch.save_file, []
 

@@ -68,21 +68,6 @@ def make_teacher():
     return teacher
 
 
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    from conftest import save_model
-    return save_model(make_teacher(), tmp_path_factory.mktemp("teacher"))
-
-
-@pytest.fixture(scope="module")
-def student_dir(teacher_dir, tmp_path_factory):
-    """Width-pruned student (ffn 96 -> 48, all 4 layers): no hidden-state loss."""
-    teacher = make_teacher()
-    layers = [0, 1, 2, 3]
-    return write_student(teacher_dir, prune_like(teacher, layers, ffn=48), layers,
-                         tmp_path_factory.mktemp("student"))
-
-
 def run(student, teacher_dir, text_file, out, *args):
     """distill.main in-process; `_NAME=value` arguments set recipe constants for the run."""
     knobs, private = split_args([*FAST, *args])

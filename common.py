@@ -404,11 +404,14 @@ def _check_safetensors(path: Path, size: int):
 def fingerprint(name: str, constant: str = "MODEL") -> str:
     """A cheap content hash of a model: config.json, and each weight file's name, size and
     `_SAMPLES` evenly spaced blocks. The same model moved or copied keeps it; other weights saved
-    at the same path change it. Also checks that safetensors files are complete. A hub id that is
-    not cached locally hashes as its name."""
+    at the same path change it. Also checks that safetensors files are complete. A hub id is its
+    name and cached revision (the commit the files came from: the same before and after its
+    weights are downloaded), or its name alone when nothing of it is cached."""
     root = model_files(name)
     if root is None:
         return f"hub:{name}"
+    if not Path(name).is_dir():  # a snapshot in the hub cache: .../snapshots/<commit>
+        return f"hub:{name}@{root.name}"
     h = hashlib.sha256((root / "config.json").read_bytes())
     for path in sorted(p for p in root.iterdir() if p.name.endswith(WEIGHT_SUFFIXES)):
         size = path.stat().st_size

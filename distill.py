@@ -43,6 +43,8 @@ SELECT_TOKENS = 20_000_000             # with several STUDENTs: tokens per candi
 TEACHER: str | None = None             # hub id or directory; None: the source in STUDENT's pare.json
 TEACHER_CACHE: str | None = None       # directory of the teacher's top-k log-probs (filled once)
 TOPK = 64                              # with TEACHER_CACHE: the teacher's most likely tokens kept per token
+ON_POLICY = 0.0                        # share of steps on the student's samples (GKD's lambda); 0: none
+DIVERGENCE = "forward_kl"              # 'forward_kl' (Minitron), 'reverse_kl' (on-policy recipe) or 'jsd'
 DATASET = "allenai/Dolci-Instruct-SFT" # hub dataset (messages/text column) or local .txt/.jsonl/.parquet
 EVAL_SAMPLES = 32                      # held-out rows (the first rows of DATASET, never trained on); 0: none
 SEQ_LEN = 4096                         # tokens per packed row
@@ -79,6 +81,11 @@ _STOP_AT_STEP = None                   # stop after this step with a checkpoint 
 _PEAK_TFLOPS = None                    # dense bf16 peak per device for MFU; None: known GPUs only
 _DTYPE = None                          # teacher dtype; None: bfloat16 on GPU, float32 on CPU
 _SEED = 0                              # data shuffling and the hidden-state map's init
+# On-policy steps (ON_POLICY): the student continues prompts of DATASET, sampling with the KV
+# cache; teacher and student then score the whole row and only the sampled tokens carry loss.
+_GEN_TEMPERATURE = 1.0                 # sampling temperature (1: the student's own distribution)
+_PROMPT_SHARE = 0.5                    # a text document's prompt: its first share x SEQ_LEN tokens
+_JSD_BETA = 0.5                        # DIVERGENCE='jsd': the mixture's teacher weight (GKD: 0.5)
 # The teacher cache (TEACHER_CACHE): int32 ids and 16-bit log-probabilities are 6 bytes a kept
 # logit (DistillKit stores k = 128 at ~300 bytes per token, with a compressed tail).
 _CACHE_DTYPE = "float16"               # stored log-probabilities: float16, bfloat16 or float32
@@ -94,7 +101,7 @@ _SELECT_FLAT = False                   # every candidate runs every round (the f
 # Settings that may change between a run and its resumption (they do not change the losses).
 RESUMABLE = {"OUTPUT", "SELECT_TOKENS", "DEVICE", "FSDP", "_EVAL_EVERY", "_LOG_EVERY", "_CHECKPOINT_EVERY",
              "_KEEP_CHECKPOINTS", "_STOP_AT_STEP", "_PEAK_TFLOPS"}  # FSDP: checked as the format
-PROGRESS_KEYS = ("format", "step", "tokens", "world", "fsdp", "data", "ref_loss", "start",
+PROGRESS_KEYS = ("format", "step", "tokens", "world", "fsdp", "data", "prompts", "ref_loss", "start",
                  "settings", "student", "teacher", "scheduler")
 
 
@@ -103,7 +110,8 @@ PROGRESS_KEYS = ("format", "step", "tokens", "world", "fsdp", "data", "ref_loss"
 class ChunkedDistillLoss(torch.autograd.Function):
     """Logit loss of N tokens with full-vocabulary logits for only `chunk` tokens at a time.
 
-    loss = (kl_w * T^2 * sum KL(q_t || softmax(z_s/T)) + ce_w * sum CE(z_s, y)) / N with
+    loss = (kl_w * T^2 * sum KL(q_t || softmax(z_s/T)) + ce_w * sum CE(z_s, y)) / N (or another
+    `divergence` than this forward KL: `student_side_divergence`) with
     z_s = h_s @ W_s^T. The teacher `q_t` is ("logits", h_t, W_t): softmax(h_t @ W_t^T / T), or
     ("topk", ids, logp, rest) from a teacher cache: its top-k log-probabilities plus one bucket
     for the rest (see `topk_kl`); None when only CE is trained. The gradient w.r.t. the
@@ -114,7 +122,7 @@ class ChunkedDistillLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h_s, w_s, teacher, labels, temperature, kl_w, ce_w, chunk):
+    def forward(ctx, h_s, w_s, teacher, labels, temperature, kl_w, ce_w, chunk, divergence):
         n = h_s.shape[0]
         wide = torch.promote_types(h_s.dtype, torch.float32)  # logits: float32 (float64 in tests)
         w_sc = w_s.to(h_s.dtype)
@@ -138,14 +146,21 @@ class ChunkedDistillLoss(torch.autograd.Function):
                     z_t = (teacher[1][i:i + chunk] @ teacher[2].T).to(wide)
                     lt = (z_t if temperature == 1 else z_t / temperature).log_softmax(-1)
                     del z_t
-                    pt = lt.exp()
-                    kl_sum += torch.dot(pt.flatten(), lt.sub_(ls).flatten()).double()  # lt spent
+                if teacher[0] == "logits" and divergence != "forward_kl":
+                    kl, grad = student_side_divergence(ls, lt, divergence)
+                    kl_sum += kl
                     del lt
                 else:
-                    kl, pt = topk_kl(ls, *(t[i:i + chunk] for t in teacher[1:]), target=True)
-                    kl_sum += kl
-                grad = (ls.exp() if ls is ls1 and ce_w else ls.exp_()).sub_(pt)
-                del pt, ls
+                    if teacher[0] == "logits":
+                        pt = lt.exp()
+                        kl_sum += torch.dot(pt.flatten(), lt.sub_(ls).flatten()).double()  # lt spent
+                        del lt
+                    else:
+                        kl, pt = topk_kl(ls, *(t[i:i + chunk] for t in teacher[1:]), target=True)
+                        kl_sum += kl
+                    grad = (ls.exp() if ls is ls1 and ce_w else ls.exp_()).sub_(pt)
+                    del pt
+                del ls
             del z_s
             if ce_w:                                      # grad: softmax(z_s) - onehot(y)
                 p1 = ls1.exp_()                           # in place: ls1 is spent
@@ -166,7 +181,29 @@ class ChunkedDistillLoss(torch.autograd.Function):
     def backward(ctx, grad_loss, grad_stats):
         grad_h, grad_w = ctx.saved_tensors
         return (grad_h * grad_loss.to(grad_h.dtype), (grad_w * grad_loss).to(ctx.w_dtype),
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None)
+
+
+def student_side_divergence(ls, lt, divergence: str):
+    """Summed divergence of N tokens between the student's and the teacher's log-probabilities
+    `ls`, `lt` [N, vocab] (at the loss's temperature), and its gradient w.r.t. the student's
+    (tempered) logits. "reverse_kl": KL(student || teacher), the on-policy recipe's choice
+    (mode-seeking). "jsd": GKD's generalized Jensen-Shannon divergence (arXiv 2306.13649, eq. 3)
+    beta KL(t || m) + (1 - beta) KL(s || m), m = beta t + (1 - beta) s, beta = _JSD_BETA. Both
+    have the form c KL(s || r) + const. in the student's logits z, with r = t (c = 1) or m (c =
+    1 - beta; m's own dependence on z cancels), so d/dz = c p_s (log p_s - log r - KL(s || r)).
+    """
+    ps = ls.exp()
+    if divergence == "reverse_kl":
+        ref, c = lt, 1.0
+    else:
+        ref, c = torch.logaddexp(lt + math.log(_JSD_BETA), ls + math.log(1 - _JSD_BETA)), 1 - _JSD_BETA
+    diff = ls - ref
+    to_ref = (ps * diff).sum(-1, keepdim=True)          # KL(s || r) per token
+    value = to_ref.sum(dtype=torch.float64)
+    if divergence == "jsd":
+        value = (1 - _JSD_BETA) * value + _JSD_BETA * (lt.exp() * (lt - ref)).sum(dtype=torch.float64)
+    return value, diff.sub_(to_ref).mul_(ps).mul_(c)
 
 
 def topk_kl(ls, ids, logp, rest, target: bool = False):
@@ -196,11 +233,13 @@ def topk_kl(ls, ids, logp, rest, target: bool = False):
     return kl, dense
 
 
-def logit_loss(h_s, w_s, teacher, labels, temperature=1.0, kl_w=1.0, ce_w=0.0, chunk=1024):
-    """Chunked logit loss of flattened tokens: (scalar loss, [kl_sum, ce_sum]) over N tokens.
-    `teacher`: ("logits", h_t, w_t), ("topk", ids, logp, rest) or None (see ChunkedDistillLoss)."""
+def logit_loss(h_s, w_s, teacher, labels, temperature=1.0, kl_w=1.0, ce_w=0.0, chunk=1024,
+               divergence="forward_kl"):
+    """Chunked logit loss of flattened tokens: (scalar loss, [divergence sum, ce_sum]) over N
+    tokens. `teacher`: ("logits", h_t, w_t), ("topk", ids, logp, rest) or None (see
+    ChunkedDistillLoss); `divergence`: DIVERGENCE (a teacher cache: forward_kl only)."""
     return ChunkedDistillLoss.apply(h_s, w_s, teacher, labels, float(temperature), float(kl_w),
-                                    float(ce_w), int(chunk))
+                                    float(ce_w), int(chunk), divergence)
 
 
 def direct_logit_loss(h_s, w_s, h_t, w_t, labels, temperature=1.0, kl_w=1.0, ce_w=0.0):
@@ -251,24 +290,32 @@ class Distiller(torch.nn.Module):
         super().__init__()
         self.student, self.proj, self.pairs, self.settings = student, proj, pairs, settings
 
-    def forward(self, ids, target, t_states):
+    def forward(self, ids, target, t_states, mask=None):
         """Loss of one micro-batch `ids` given the teacher's targets for its predicted tokens
         (`logit_loss`'s `teacher`: from its final hidden states and lm_head, or from a cache;
-        None when only CE is trained) and its hidden states at the paired indices `t_states`."""
+        None when only CE is trained) and its hidden states at the paired indices `t_states`.
+        `mask` [rows, SEQ_LEN - 1]: the predictions that carry loss (an on-policy row's sampled
+        tokens; None: all)."""
         s = self.settings
         with hidden_states(self.student, [i for i, _ in self.pairs]) as s_states:
             out = self.student.model(input_ids=ids, use_cache=False)
         h_s = out.last_hidden_state[:, :-1].flatten(0, 1)
         labels = ids[:, 1:].flatten()
-        loss, stats = logit_loss(h_s, self.student.lm_head.weight, target, labels,
-                                 s["temperature"], s["kl_w"], s["ce_w"], s["chunk"])
+        keep = mask.flatten() if mask is not None else slice(None)
+        if mask is not None and target is not None:
+            target = (target[0], target[1][keep], *target[2:])
+        loss, stats = logit_loss(h_s[keep], self.student.lm_head.weight, target, labels[keep],
+                                 s["temperature"], s["kl_w"], s["ce_w"], s["chunk"],
+                                 s["divergence"])
         hid = torch.zeros((), device=loss.device)
         if self.pairs:
-            hid = sum(cosine_loss(self.proj(s_states[i]), t_states[j])
+            def at(h):  # the positions that predict a token carrying loss
+                return h if mask is None else h[:, :-1][mask]
+            hid = sum(cosine_loss(self.proj(at(s_states[i])), at(t_states[j]))
                       for i, j in self.pairs) / len(self.pairs)
             # Minitron: the intermediate loss is rescaled to the logit loss's magnitude
             loss = loss + hid * (loss.detach() / hid.detach().clamp(min=1e-8))
-        return loss, stats, hid.detach(), labels.numel()
+        return loss, stats, hid.detach(), len(labels[keep])
 
     def held_out(self, rows, batch_size, teacher, chunk, cache=None):
         """common.evaluate on the student, or cached_evaluate with a teacher `cache` (a method,
@@ -398,8 +445,25 @@ def check_knobs(cfg):
                                "must be positive")
     if _STOP_AT_STEP is not None and _STOP_AT_STEP < 1:
         raise common.UserError(f"_STOP_AT_STEP={_STOP_AT_STEP} must be a positive step or None")
+    if not 0 <= cfg.ON_POLICY <= 1:
+        raise common.UserError(f"ON_POLICY={cfg.ON_POLICY} is the share of on-policy steps: "
+                               f"between 0 and 1")
+    if cfg.DIVERGENCE not in DIVERGENCES:
+        raise common.UserError(f"DIVERGENCE={cfg.DIVERGENCE!r} must be one of {list(DIVERGENCES)}")
+    if not 0 < _JSD_BETA < 1:
+        raise common.UserError(f"distill.py's _JSD_BETA={_JSD_BETA} must lie in (0, 1)")
+    if cfg.ON_POLICY > 0 and cfg.FSDP:
+        raise common.UserError("ON_POLICY > 0 samples with the whole student on every process: "
+                               "run it with FSDP=False (DDP); FSDP-sharded generation is not supported")
+    if cfg.ON_POLICY > 0 and cfg.TEACHER_CACHE:
+        raise common.UserError("ON_POLICY > 0 needs the live teacher to score the student's "
+                               "samples, which no cache holds: set TEACHER_CACHE=None")
     if cfg.TEACHER_CACHE is not None:
         common.at_least(cfg, 1, "TOPK")
+        if cfg.DIVERGENCE != "forward_kl":
+            raise common.UserError(f"a TEACHER_CACHE gives the forward KL only (its top k are the "
+                                   f"teacher's, not the student's): DIVERGENCE={cfg.DIVERGENCE!r} "
+                                   f"needs the live teacher (TEACHER_CACHE=None)")
         if _TEMPERATURE != 1:
             raise common.UserError(f"a TEACHER_CACHE holds temperature-1 log-probabilities; "
                                    f"_TEMPERATURE={_TEMPERATURE} in distill.py needs the live "
@@ -797,6 +861,153 @@ def full_student(model, student_dir: str):
     return student
 
 
+# ---- on-policy steps: the student's own samples, scored by the teacher -----------------------
+
+def on_policy_step(step: int, share: float) -> bool:
+    """Whether optimizer step `step` (1-based) trains on the student's samples: a draw < `share`
+    from a generator seeded by (_SEED, step), so that a resumed run and every process agree."""
+    if share <= 0:
+        return False
+    return share >= 1 or torch.rand(1, generator=torch.Generator().manual_seed(
+        _SEED * 1_000_003 + step)).item() < share
+
+
+def prompt_start(cfg, tokenizer) -> dict:
+    """Where prompt_stream begins: after the documents the held-out rows were packed from."""
+    documents = 0
+    if cfg.ON_POLICY > 0 and cfg.EVAL_SAMPLES and not _EVAL_DATASET:
+        position = {"documents": 0, "carry": []}
+        rows = common.packed_rows(cfg.DATASET, tokenizer, cfg.SEQ_LEN, _SEED, position)
+        for _ in zip(range(cfg.EVAL_SAMPLES), rows):
+            pass
+        documents = position["documents"]
+    return {"epoch": 0, "documents": documents, "after_held_out": documents}
+
+
+def prompt_ids(doc, tokenizer, seq_len: int, n: int) -> list[int] | None:
+    """The prompt of document number `n`: a `messages` conversation up to its last user turn,
+    rendered with the chat template and its generation prompt; else the first _PROMPT_SHARE x
+    `seq_len` tokens of its text (None: an empty text)."""
+    if isinstance(doc, dict) and "messages" in doc:
+        common.render(doc, tokenizer)  # the template and the record's shape, checked
+        turns = doc["messages"]
+        users = [i for i, t in enumerate(turns) if isinstance(t, dict) and t.get("role") == "user"]
+        if not users:
+            raise common.UserError(f"DATASET document {n} has no user turn: ON_POLICY prompts the "
+                                   f"student with a conversation up to its last user turn; drop "
+                                   f"such records, or set ON_POLICY=0")
+        text = tokenizer.apply_chat_template(turns[:users[-1] + 1], tokenize=False,
+                                             add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) > seq_len - 2:
+            raise common.UserError(f"DATASET document {n}'s prompt is {len(ids)} tokens: SEQ_LEN="
+                                   f"{seq_len} leaves no room to sample an answer; raise SEQ_LEN "
+                                   f"or drop long conversations")
+        return ids
+    ids = tokenizer(common.render(doc, tokenizer), add_special_tokens=False)["input_ids"]
+    return ids[:max(1, int(seq_len * _PROMPT_SHARE))] or None
+
+
+def prompt_stream(dataset: str, tokenizer, seq_len: int, seed: int, position: dict):
+    """Prompts forever, one per document of DATASET after the held-out ones (in the order
+    row_stream reads them; again from the first when they run out), keeping `position` up to
+    date in place like row_stream."""
+    while True:
+        found = False
+        for doc in common.documents(dataset, seed, skip=position["documents"]):
+            n = position["documents"]
+            position["documents"] += 1
+            ids = prompt_ids(doc, tokenizer, seq_len, n)
+            if ids:
+                found = True
+                yield torch.tensor(ids, dtype=torch.long)
+        if not found:
+            raise common.UserError(f"DATASET={dataset!r} has no documents to prompt with after "
+                                   f"the held-out rows; use more data or fewer EVAL_SAMPLES")
+        position.update(epoch=position["epoch"] + 1, documents=position["after_held_out"])
+
+
+def next_batch(cfg, data: dict, step: int, rank: int, world: int) -> tuple:
+    """This process's share of step `step`'s batch: ("sample", prompts) on an on-policy step,
+    else ("rows", packed rows)."""
+    if on_policy_step(step, cfg.ON_POLICY):
+        return "sample", local_prompts(data["prompts"], cfg.GLOBAL_BATCH, rank, world)
+    return "rows", local_batch(data["stream"], cfg.GLOBAL_BATCH, rank, world)
+
+
+def local_prompts(stream, global_batch: int, rank: int, world: int) -> list:
+    """This process's share of the next global batch of prompts (every process reads them all)."""
+    prompts = [next(stream) for _ in range(global_batch)]
+    share = global_batch // world
+    return prompts[rank * share:(rank + 1) * share]
+
+
+def check_generation(cfg, s_conf, tokenizer):
+    """Refuse a student that could not sample, before anything loads."""
+    if _KL_WEIGHT == 0:
+        raise common.UserError("ON_POLICY > 0 with _KL_WEIGHT=0 in distill.py: the student's own "
+                               "samples carry no loss without the teacher's")
+    if _GEN_TEMPERATURE <= 0 or not 0 < _PROMPT_SHARE < 1:
+        raise common.UserError(f"distill.py's _GEN_TEMPERATURE={_GEN_TEMPERATURE} must be positive "
+                               f"and _PROMPT_SHARE={_PROMPT_SHARE} lie in (0, 1)")
+    limit = getattr(s_conf, "max_position_embeddings", None)
+    if limit is not None and cfg.SEQ_LEN > limit:
+        raise common.UserError(f"STUDENT's config allows {limit} positions (max_position_embeddings) "
+                               f"and SEQ_LEN={cfg.SEQ_LEN}: sampling would run past them; lower SEQ_LEN")
+    if end_tokens(s_conf, tokenizer) == []:
+        raise common.UserError("STUDENT has no eos token (config or tokenizer): a sample could "
+                               "never end; set eos_token_id in its config.json")
+
+
+def end_tokens(config, tokenizer) -> list[int]:
+    ids = getattr(config, "eos_token_id", None)
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    return sorted(set(ids) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()))
+
+
+def sample_rows(student, prompts: list, seq_len: int, eos: list[int], pad: int, acc) -> tuple:
+    """The student's continuations of `prompts` (1-D token tensors) as rows of `seq_len` tokens:
+    (rows, mask, sampled tokens). Each row is its prompt, the sampled tokens up to and with the
+    first eos, then padding; `mask` [rows, seq_len - 1] marks the predictions of the sampled
+    tokens. Sampling is transformers' `generate` (batched, left-padded, KV cache, from the full
+    distribution at _GEN_TEMPERATURE with the global torch RNG, which checkpoints save): this is
+    the one function a faster engine (e.g. vLLM) would replace."""
+    from transformers import GenerationConfig
+    width = max(len(p) for p in prompts)
+    batch = torch.full((len(prompts), width), pad, dtype=torch.long)
+    attention = torch.zeros_like(batch)
+    for b, p in enumerate(prompts):
+        batch[b, width - len(p):], attention[b, width - len(p):] = p, 1
+    sampling = GenerationConfig(do_sample=True, temperature=_GEN_TEMPERATURE, top_k=0, top_p=1.0,
+                                max_new_tokens=seq_len - width, pad_token_id=pad, eos_token_id=eos)
+    # the student's own generation_config (repetition penalty, top-k, ...) would bend the
+    # distribution the loss is on: a neutral one for the call
+    saved, student.generation_config = student.generation_config, GenerationConfig(
+        pad_token_id=pad, eos_token_id=eos)
+    was_training = student.training
+    student.eval()
+    dev = common.input_device(student)
+    try:
+        with torch.no_grad(), acc.autocast():
+            out = student.generate(input_ids=batch.to(dev), attention_mask=attention.to(dev),
+                                   generation_config=sampling)
+    finally:
+        student.generation_config = saved
+        student.train(was_training)
+    rows = torch.full((len(prompts), seq_len), pad, dtype=torch.long)
+    mask = torch.zeros(len(prompts), seq_len - 1, dtype=torch.bool)
+    sampled = 0
+    ends = torch.tensor(eos)
+    for b, p in enumerate(prompts):
+        new = out[b, width:].cpu()
+        hit = torch.isin(new, ends).nonzero()
+        new = new[:hit[0, 0] + 1] if len(hit) else new
+        rows[b, :len(p)], rows[b, len(p):len(p) + len(new)] = p, new
+        mask[b, len(p) - 1:len(p) - 1 + len(new)] = True
+        sampled += len(new)
+    return rows, mask, sampled
+
+
 # ---- the teacher cache: the teacher's top-k log-probabilities, computed once -----------------
 # TEACHER_CACHE holds pare.json (the manifest: `new_manifest` builds it, `read_manifest` reads
 # it), eval.safetensors (the held-out rows) and train-NNNNNN.safetensors (the training rows in
@@ -806,6 +1017,7 @@ def full_student(model, student_dir: str):
 # log-probability of the actual next token (for its perplexity); per row `row_hash`, which the
 # reader compares with the rows the run reads, so other text can never meet these targets.
 
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 CACHE_KEYS = ("stage", "format", "teacher", "teacher_fingerprint", "teacher_layers", "tokenizer",
               "vocab_size", "data", "topk", "dtype", "shard_rows", "rows", "versions", "created")
 CACHE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -1404,7 +1616,7 @@ def load_teacher(name: str, device: str, dtype: torch.dtype):
 
 
 def build_distiller(student, teacher, m: dict, dev: str, shard: bool, world: int, rank: int,
-                    bf16: bool) -> tuple:
+                    bf16: bool, divergence: str = "forward_kl") -> tuple:
     """(Distiller: the student plus the hidden-state map, sharded under FSDP; the hidden-state
     pairs, empty unless the depth cut reaches _HIDDEN_LOSS_DEPTH_CUT and the teacher runs: a
     teacher cache (`teacher` None) holds its logits only). `m`: resolve_models' result."""
@@ -1428,7 +1640,7 @@ def build_distiller(student, teacher, m: dict, dev: str, shard: bool, world: int
         kept_hidden = record["kept"]["hidden"] if record and same_source else None
         proj = make_proj(s_conf.hidden_size, t_conf.hidden_size, kept_hidden)
     settings = {"temperature": _TEMPERATURE, "kl_w": _KL_WEIGHT, "ce_w": _CE_WEIGHT,
-                "chunk": _CHUNK_TOKENS}
+                "chunk": _CHUNK_TOKENS, "divergence": divergence}
     model = Distiller(student, proj.to(student.device) if pairs else torch.nn.Identity(), pairs,
                       settings)
     if shard:
@@ -1461,11 +1673,14 @@ def make_optimizer(model, lr: float, plan: dict):
 
 
 def train_step(model, teacher, rows: torch.Tensor, plan: dict, pairs: list, acc, shard: bool,
-               dev: str, cached: dict | None = None) -> dict:
+               dev: str, cached: dict | None = None, mask: torch.Tensor | None = None) -> dict:
     """One optimizer step's forward and backward over this process's `rows` in micro-batches
     (gradients clipped, not yet applied): the mean loss, KL, CE, hidden loss and gradient norm
-    over all processes. `cached`: the rows' targets from a teacher cache (then no teacher runs)."""
+    over all processes. `cached`: the rows' targets from a teacher cache (then no teacher runs);
+    `mask`: the predictions that carry loss (on-policy rows; None: all)."""
     micro = rows.view(plan["accum"], -1, rows.shape[-1]).to(dev)
+    masks = (mask.view(plan["accum"], -1, mask.shape[-1]).to(dev) if mask is not None
+             else [None] * len(micro))
     total = torch.zeros(4, dtype=torch.float64, device=dev)  # loss, kl, ce, hid
     for k, ids in enumerate(micro):
         target, t_states = None, {}
@@ -1481,7 +1696,7 @@ def train_step(model, teacher, rows: torch.Tensor, plan: dict, pairs: list, acc,
         # float32 gradients on every process until the last one
         sync = acc.no_sync(model) if k < len(micro) - 1 and not shard else contextlib.nullcontext()
         with sync:
-            loss, stats, hid, n_tok = model(ids, target, t_states)
+            loss, stats, hid, n_tok = model(ids, target, t_states, masks[k])
             acc.backward(loss / len(micro))
         total += torch.stack([loss.detach().double(), stats[0] / n_tok, stats[1] / n_tok,
                               hid.double()]) / len(micro)
@@ -1505,12 +1720,14 @@ def check_loss(m: dict, step: int, ref_loss: float, root: Path):
                                f"(checkpoints: {root})")
 
 
-def log_line(step: int, plan: dict, m: dict, lr: float, dt: float, pairs: list) -> str:
+def log_line(step: int, plan: dict, m: dict, lr: float, dt: float, pairs: list,
+             sampled: bool = False) -> str:
+    """One step's line; `kl` is DIVERGENCE's value, `sampled` marks an on-policy step."""
     kl = f"{m['kl']:.4f}" if _KL_WEIGHT else "-"  # not computed
     hid = f"{m['hid']:.4f}" if pairs else "-"
     return (f"step {step:>6}/{plan['max_steps']} | loss {m['loss']:.4f} | kl {kl} | "
             f"ce {m['ce']:.4f} | hid {hid} | lr {lr:.2e} | grad {m['grad']:.3f} | "
-            f"{plan['tokens_per_step'] / dt:,.0f} tok/s | {dt:.2f}s")
+            f"{plan['tokens_per_step'] / dt:,.0f} tok/s | {dt:.2f}s{' | sampled' if sampled else ''}")
 
 
 def held_out(inner, rows: torch.Tensor, teacher, acc, batch_size: int, cache=None) -> dict:
@@ -1541,7 +1758,7 @@ def write_output(model, inner, cfg, m: dict, summary: dict, pairs: list, shard: 
         "teacher_fingerprint": m["teacher_id"], "steps": summary["steps"],
         "tokens_seen": summary["tokens"], "processes": world, "fsdp": shard,
         "throughput": {k: summary[k] for k in ("tokens_per_s", "tflops_per_device", "mfu",
-                                               "peak_memory_gib")},
+                                               "peak_memory_gib", "sampling")},
         "hidden_loss_pairs": pairs, "metrics": {"start": summary["start"], "final": summary["final"]},
         "teacher_cache": cache and {"path": str(cache.path), **{k: cache.manifest[k] for k in (
             "topk", "dtype", "rows", "tokenizer")}},
@@ -1558,6 +1775,10 @@ def print_summary(s: dict, mem_kind: str):
     if s["mfu"] is not None:
         common.print0(f"mfu: {s['mfu']:.3f}")
     common.print0(f"peak_memory_gib: {s['peak_memory_gib']:.2f} ({mem_kind}, first process)")
+    if s.get("sampling"):
+        common.print0(f"sampled_steps: {s['sampling']['steps']}")
+        common.print0(f"sampled_tokens_per_s: {s['sampling']['tokens_per_s']:.1f}")
+        common.print0(f"sampling_share: {s['sampling']['share_of_step_time']:.3f}")
     if s["losses"]:
         common.print0(f"loss_first: {s['losses'][0]:.4f}")
         common.print0(f"loss_last: {s['losses'][-1]:.4f}")
@@ -1614,7 +1835,14 @@ def main(argv: list[str]) -> dict:
     eval_rows, held = held_out_rows(cfg, ms[0]["tokenizer"])  # data fails before any model loads
     env = {"acc": acc, "world": world, "rank": rank, "shard": shard, "plan": plan,
            "device": device, "dtype": common.pick_dtype(_DTYPE, device), "eval_rows": eval_rows,
-           "held": held, "cache": None}
+           "held": held, "cache": None, "prompt_start": prompt_start(cfg, ms[0]["tokenizer"])}
+    if cfg.ON_POLICY > 0:  # sampling settings and the first step's prompts, before any load
+        for m in ms:
+            check_generation(cfg, m["s_conf"], m["tokenizer"])
+        first = prompt_stream(cfg.DATASET, ms[0]["tokenizer"], cfg.SEQ_LEN, _SEED,
+                              dict(env["prompt_start"]))
+        for _ in range(cfg.GLOBAL_BATCH):
+            next(first)
     if cfg.TEACHER_CACHE:  # the rows of the whole run: the winner's too when selecting
         last = rounds[-1] if rounds and cfg.MAX_STEPS is None else plan["stop"]
         env["cache"] = prepare_cache(cfg, ms[0], env, last * cfg.GLOBAL_BATCH)
@@ -1646,9 +1874,11 @@ def distill_one(cfg, m: dict, env: dict, root: Path, out_dir: Path, stop: int, t
             "position": progress["data"] if progress else start_position()}
     data["stream"] = row_stream(cfg.DATASET, m["tokenizer"], cfg.SEQ_LEN, _SEED, env["held"],
                                 data["position"])  # keeps data["position"] up to date
+    data["prompt_position"] = dict(progress["prompts"] if progress else env["prompt_start"])
+    data["prompts"] = (prompt_stream(cfg.DATASET, m["tokenizer"], cfg.SEQ_LEN, _SEED,
+                                     data["prompt_position"]) if cfg.ON_POLICY > 0 else None)
     step = progress["step"] if progress else 0
-    data["first"] = (local_batch(data["stream"], cfg.GLOBAL_BATCH, rank, world)
-                     if step < stop else None)
+    data["first"] = next_batch(cfg, data, step + 1, rank, world) if step < stop else None
 
     if teacher is None:
         print_memory(m["s_conf"], None if env["cache"] else m["t_conf"], env["dtype"],
@@ -1659,7 +1889,7 @@ def distill_one(cfg, m: dict, env: dict, root: Path, out_dir: Path, stop: int, t
     student, teacher = load_pair(cfg, m["teacher"], (m["s_conf"], m["t_conf"]), env["dtype"],
                                  str(acc.device), shard, rank, teacher, env["cache"] is not None)
     model, pairs = build_distiller(student, teacher, m, str(acc.device), shard, world, rank,
-                                   env["device"].startswith("cuda"))
+                                   env["device"].startswith("cuda"), cfg.DIVERGENCE)
     optimizer, scheduler = make_optimizer(model, cfg.LR, plan)
     if not shard:
         model, optimizer = acc.prepare(model, optimizer)
@@ -1719,16 +1949,23 @@ def train(cfg, model, teacher, optimizer, scheduler, acc, data: dict, plan: dict
 
     # the held-out metrics of the last step: at step 0 the start's; a resumed run measures again
     losses, metrics, t_train, tok_run = [], start if step == 0 else {}, 0.0, 0
+    eos = end_tokens(m["s_conf"], m["tokenizer"])
+    pad = m["tokenizer"].pad_token_id if m["tokenizer"].pad_token_id is not None else eos[0]
+    sampling = {"seconds": 0.0, "tokens": 0, "steps": 0}  # this process's on-policy sampling
     bar = tqdm(total=plan["stop"], initial=step, desc="distill", disable=not common.is_first_process())
     with stop_requests() as request:
         while step < plan["stop"]:
             t0 = time.time()
-            rows = first if first is not None else local_batch(data["stream"], cfg.GLOBAL_BATCH,
-                                                               rank, world)
-            first = None
+            kind, rows = first if first is not None else next_batch(cfg, data, step + 1, rank, world)
+            first, mask = None, None
+            if kind == "sample":  # the student continues the prompts; only its tokens carry loss
+                t_sample = time.time()
+                rows, mask, n = sample_rows(inner.student, rows, cfg.SEQ_LEN, eos, pad, acc)
+                sampling["seconds"] += time.time() - t_sample
+                sampling["tokens"], sampling["steps"] = sampling["tokens"] + n, sampling["steps"] + 1
             cached = (cache.train_rows(step * cfg.GLOBAL_BATCH + rank * len(rows), rows)
                       if cache is not None else None)  # this process's rows of the global batch
-            s = train_step(model, teacher, rows, plan, pairs, acc, shard, dev, cached)
+            s = train_step(model, teacher, rows, plan, pairs, acc, shard, dev, cached, mask)
             ref_loss = s["loss"] if ref_loss is None else ref_loss
             check_loss(s, step + 1, ref_loss, root)
             lr = scheduler.get_last_lr()[0]
@@ -1741,7 +1978,7 @@ def train(cfg, model, teacher, optimizer, scheduler, acc, data: dict, plan: dict
             losses.append(s["loss"])
             bar.update(1)
             if step % _LOG_EVERY == 0 or step == plan["stop"]:
-                common.print0(log_line(step, plan, s, lr, dt, pairs))
+                common.print0(log_line(step, plan, s, lr, dt, pairs, kind == "sample"))
             if len(eval_rows) and (step % _EVAL_EVERY == 0 or step == plan["stop"]) and evaluating:
                 metrics = held_out(inner, eval_rows, teacher, acc, cfg.BATCH_SIZE, cache)
                 common.print0(f"eval step {step:>6} | kl {metrics['kl']:.4f} | ppl "
@@ -1753,6 +1990,7 @@ def train(cfg, model, teacher, optimizer, scheduler, acc, data: dict, plan: dict
                     step == plan["stop"] and plan["checkpoint_at_stop"]):
                 path = save_checkpoint(root, step, model, optimizer, acc, shard, dict(
                     step=step, tokens=tokens, world=world, fsdp=shard, data=data["position"],
+                    prompts=data["prompt_position"],
                     ref_loss=ref_loss, start=start, settings=settings, student=m["student_id"],
                     teacher=m["teacher_id"], scheduler=scheduler.state_dict()))
             if stop:
@@ -1764,10 +2002,16 @@ def train(cfg, model, teacher, optimizer, scheduler, acc, data: dict, plan: dict
         metrics = held_out(inner, eval_rows, teacher, acc, cfg.BATCH_SIZE, cache)
     tok_s = tok_run / t_train if tok_run else 0.0
     tflops = tok_s * flops_token / world / 1e12  # per device
+    sampled = None
+    if cfg.ON_POLICY > 0:  # sampled tokens of all processes per second of sampling
+        n = acc.reduce(torch.tensor(float(sampling["tokens"]), device=dev), "sum").item()
+        sampled = {"steps": sampling["steps"], "tokens": n,
+                   "tokens_per_s": n / sampling["seconds"] if sampling["seconds"] else 0.0,
+                   "share_of_step_time": sampling["seconds"] / t_train if t_train else 0.0}
     return {"steps": step, "max_steps": plan["max_steps"], "tokens": tokens, "losses": losses,
             "start": start, "final": metrics, "tokens_per_s": tok_s, "tflops_per_device": tflops,
             "mfu": tflops / peak if peak else None, "peak_memory_gib": peak_memory_gib(dev)[0],
-            "finished": step >= plan["max_steps"], "output": None}
+            "sampling": sampled, "finished": step >= plan["max_steps"], "output": None}
 
 
 if __name__ == "__main__":

@@ -94,3 +94,20 @@ def test_knob_budget():
         names = common.knobs(vars(module))
         assert 0 < len(names) <= most, (module.__name__, list(names))
         assert common.recipe(vars(module)), module.__name__  # recorded with every artefact
+
+
+def test_a_hub_models_fingerprint_is_its_revision(tmp_path, monkeypatch):
+    """A hub model first seen by distill.py has only config.json cached when its fingerprint is
+    taken; downloading its weights later must not make it "another teacher"."""
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    repo = tmp_path / "models--org--tiny"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    snap = repo / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text("{}")
+    before = common.fingerprint("org/tiny")
+    (snap / "model.safetensors").write_bytes(b"\0" * 64)
+    assert common.fingerprint("org/tiny") == before == "hub:org/tiny@abc123"
+    assert common.fingerprint("org/other") == "hub:org/other"

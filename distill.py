@@ -6,6 +6,7 @@
     uv run accelerate launch --num_processes 8 distill.py FSDP=True   # both models sharded
     uv run distill.py STUDENT="['out/pruned', 'out/pruned-2']"     # select, then the winner
     uv run distill.py TEACHER=allenai/Olmo-3-32B-Instruct TEACHER_CACHE=out/cache   # top-k cache
+    uv run distill.py STUDENT=out/distilled ON_POLICY=1.0 DIVERGENCE=reverse_kl   # on-policy
 
 Trains STUDENT (prune.py's output; its `pare.json` names the teacher unless TEACHER is set) on
 DATASET packed to SEQ_LEN, with forward KL(teacher || student) on the logits at temperature 1
@@ -18,6 +19,8 @@ extends the student's with a "distill" entry. Several STUDENTs: each is distille
 the better ones longer (a funnel by held-out KL), and the best goes on as the run. With
 TEACHER_CACHE, the teacher's TOPK log-probabilities per token are computed once into it (first
 run) and training reads them instead of running the teacher (KL over the top k plus the rest).
+ON_POLICY: that share of the steps trains on the student's own continuations of DATASET's
+prompts, scored by the teacher (GKD), with DIVERGENCE forward KL, reverse KL or JSD.
 """
 
 import contextlib
@@ -106,6 +109,8 @@ PROGRESS_KEYS = ("format", "step", "tokens", "world", "fsdp", "data", "prompts",
 
 
 # ---- the loss -------------------------------------------------------------------------------
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")  # DIVERGENCE's values
 
 class ChunkedDistillLoss(torch.autograd.Function):
     """Logit loss of N tokens with full-vocabulary logits for only `chunk` tokens at a time.
@@ -1017,7 +1022,6 @@ def sample_rows(student, prompts: list, seq_len: int, eos: list[int], pad: int, 
 # log-probability of the actual next token (for its perplexity); per row `row_hash`, which the
 # reader compares with the rows the run reads, so other text can never meet these targets.
 
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 CACHE_KEYS = ("stage", "format", "teacher", "teacher_fingerprint", "teacher_layers", "tokenizer",
               "vocab_size", "data", "topk", "dtype", "shard_rows", "rows", "versions", "created")
 CACHE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}

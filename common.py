@@ -401,16 +401,17 @@ def _check_safetensors(path: Path, size: int):
                         f"{8 + n + end}); re-save or re-download the model")
 
 
-def fingerprint(name: str, constant: str = "MODEL") -> str:
-    """A cheap content hash of a model: config.json, and each weight file's name, size and
-    `_SAMPLES` evenly spaced blocks. The same model moved or copied keeps it; other weights saved
-    at the same path change it. Also checks that safetensors files are complete. A hub id is its
-    name and cached revision (the commit the files came from: the same before and after its
-    weights are downloaded), or its name alone when nothing of it is cached."""
+def fingerprint(name: str, constant: str = "MODEL", content: bool = False) -> str:
+    """A cheap content hash of a local model: config.json, and each weight file's name, size
+    and `_SAMPLES` evenly spaced blocks. The same model moved or copied keeps it; other weights
+    saved at the same path change it. Also checks that safetensors files are complete. A hub id
+    is its name and cached revision (the commit the files came from: the same before and after
+    its weights are downloaded; `content`: the content hash of its cached files instead, as Pare
+    recorded hub models before), or its name alone when nothing of it is cached."""
     root = model_files(name)
     if root is None:
         return f"hub:{name}"
-    if not Path(name).is_dir():  # a snapshot in the hub cache: .../snapshots/<commit>
+    if not Path(name).is_dir() and not content:  # a hub cache snapshot: .../snapshots/<commit>
         return f"hub:{name}@{root.name}"
     h = hashlib.sha256((root / "config.json").read_bytes())
     for path in sorted(p for p in root.iterdir() if p.name.endswith(WEIGHT_SUFFIXES)):
@@ -427,6 +428,14 @@ def fingerprint(name: str, constant: str = "MODEL") -> str:
 
 # ----------------------------------------------------------------------------------------------
 # Outputs that never destroy a user's data
+
+def same_model(recorded: str, name: str, now: str, constant: str = "MODEL") -> bool:
+    """Whether fingerprint `recorded` is model `name`'s, whose fingerprint is `now` (a hub
+    model recorded by an older Pare by the content of its cached files counts too)."""
+    if recorded == now:
+        return True
+    return now.startswith("hub:") and "@" in now and recorded == fingerprint(name, constant, True)
+
 
 RECORD = "pare.json"  # the human-readable record next to the weights (prune.py, distill.py)
 

@@ -104,7 +104,7 @@ _SELECT_FLAT = False                   # every candidate runs every round (the f
 # Settings that may change between a run and its resumption (they do not change the losses).
 RESUMABLE = {"OUTPUT", "SELECT_TOKENS", "DEVICE", "FSDP", "_EVAL_EVERY", "_LOG_EVERY", "_CHECKPOINT_EVERY",
              "_KEEP_CHECKPOINTS", "_STOP_AT_STEP", "_PEAK_TFLOPS"}  # FSDP: checked as the format
-PROGRESS_KEYS = ("format", "step", "tokens", "world", "fsdp", "data", "prompts", "ref_loss", "start",
+PROGRESS_KEYS = ("format", "step", "tokens", "world", "fsdp", "data", "ref_loss", "start",
                  "settings", "student", "teacher", "scheduler")
 
 
@@ -492,7 +492,7 @@ def resolve_models(cfg) -> dict:
     record = common.read_record(cfg.STUDENT, ("stage", "source_model", "source_shape", "kept")) or {}
     tokenizer = common.load_tokenizer(cfg.STUDENT, "STUDENT")
     ids = {"student_id": common.fingerprint(cfg.STUDENT, "STUDENT")}
-    manifest = read_manifest(Path(cfg.TEACHER_CACHE)) if cfg.TEACHER_CACHE else None
+    manifest = read_manifest(Path(cfg.TEACHER_CACHE).expanduser()) if cfg.TEACHER_CACHE else None
     if manifest is not None:
         return {**cached_teacher(cfg, manifest, s_conf, tokenizer), **ids, "record": record,
                 "s_conf": s_conf, "tokenizer": tokenizer}
@@ -612,7 +612,8 @@ def read_progress(path: Path) -> dict:
 
 def write_progress(path: Path, **fields):
     """progress.json: where training stands and what it belongs to (see PROGRESS_KEYS)."""
-    assert set(fields) == set(PROGRESS_KEYS) - {"format"}, sorted(fields)
+    assert set(fields) == set(PROGRESS_KEYS) - {"format"} | {"prompts"}, sorted(fields)  # prompts:
+    # where on-policy prompts stand (optional: checkpoints before on-policy steps lack it)
     (path / "progress.json").write_text(json.dumps({"format": 2, **fields}, indent=2, default=str))
 
 
@@ -627,7 +628,7 @@ def check_resumable(progress: dict, path: Path, settings: dict, ids: dict, shard
         raise common.UserError(f"{path} was written with other settings {changed} "
                                f"(saved, now); restore them or delete {path.parent}")
     for who in ("student", "teacher"):
-        if progress[who] != ids[who]:
+        if not common.same_model(progress[who], ids[f"{who}_name"], ids[who], who.upper()):
             raise common.UserError(f"{path} belongs to another {who} (fingerprint "
                                    f"{progress[who]}, now {ids[who]}: the {who} was replaced "
                                    f"since); delete {path.parent} to start again")
@@ -638,6 +639,12 @@ def check_resumable(progress: dict, path: Path, settings: dict, ids: dict, shard
     if progress["world"] != world:
         common.print0(f"warning: checkpoint written by {progress['world']} processes, resuming on "
                       f"{world}: same data order, losses equal only within float tolerance")
+
+
+def model_ids(cfg, m: dict) -> dict:
+    """The fingerprints a checkpoint is checked against, and the models they are of."""
+    return {"student": m["student_id"], "teacher": m["teacher_id"], "student_name": cfg.STUDENT,
+            "teacher_name": m["teacher"]}
 
 
 def rng_state() -> dict:
@@ -913,16 +920,25 @@ def prompt_ids(doc, tokenizer, seq_len: int, n: int) -> list[int] | None:
     return ids[:max(1, int(seq_len * _PROMPT_SHARE))] or None
 
 
-def prompt_stream(dataset: str, tokenizer, seq_len: int, seed: int, position: dict):
+def prompt_stream(dataset: str, tokenizer, seq_len: int, seed: int, position: dict,
+                  strict: bool = True):
     """Prompts forever, one per document of DATASET after the held-out ones (in the order
     row_stream reads them; again from the first when they run out), keeping `position` up to
-    date in place like row_stream."""
+    date in place like row_stream. A document that cannot give a prompt is an error when
+    `strict` (the first step's, checked before anything loads), else skipped with a warning
+    (so that one odd record in a large dataset cannot stop a long run for good)."""
     while True:
         found = False
         for doc in common.documents(dataset, seed, skip=position["documents"]):
             n = position["documents"]
             position["documents"] += 1
-            ids = prompt_ids(doc, tokenizer, seq_len, n)
+            try:
+                ids = prompt_ids(doc, tokenizer, seq_len, n)
+            except common.UserError as e:
+                if strict:
+                    raise
+                common.print0(f"warning: skipped: {e}")
+                continue
             if ids:
                 found = True
                 yield torch.tensor(ids, dtype=torch.long)
@@ -1176,7 +1192,7 @@ def fill_cache(path: Path, manifest: dict, teacher, tokenizer, cfg, env: dict, n
 def prepare_cache(cfg, m: dict, env: dict, n_rows: int):
     """The TeacherCache of this run, holding its first `n_rows` training rows and its held-out
     rows: filled with the teacher first where it lacks them (the teacher loaded only then)."""
-    path = Path(cfg.TEACHER_CACHE)
+    path = Path(cfg.TEACHER_CACHE).expanduser()
     manifest, filled = read_manifest(path), None
     if manifest is None:
         manifest = new_manifest(cfg, m)
@@ -1184,13 +1200,18 @@ def prepare_cache(cfg, m: dict, env: dict, n_rows: int):
             if common.is_first_process():
                 path.mkdir(parents=True, exist_ok=True)
         write_manifest(path, manifest)  # marks the directory as a cache before any shard
+    env["acc"].wait_for_everyone()  # the manifest exists before any process writes a shard
     n_shards = math.ceil(n_rows / manifest["shard_rows"])
     have = sum(shard_path(path, s).is_file() for s in range(n_shards))
     lacks_eval = len(env["eval_rows"]) > 0 and not (path / "eval.safetensors").is_file()
+    env["acc"].wait_for_everyone()  # every process decided on the same files before any write
     if have < n_shards or lacks_eval:
         common.print0(f"teacher cache: {path} holds {have} of the {n_shards} shards this run "
                       f"needs ({n_rows} rows){' and not the held-out rows' if lacks_eval else ''}; "
                       f"filling them with the teacher {manifest['teacher']}")
+        check_cached_rows(path, manifest, m["tokenizer"], cfg, env, n_shards)
+        check_disk(path, manifest, cfg, (n_shards - have) * manifest["shard_rows"]
+                   + (len(env["eval_rows"]) if lacks_eval else 0))
         teacher = cache_teacher(manifest, str(env["acc"].device), env["dtype"])
         filled = fill_cache(path, manifest, teacher, m["tokenizer"], cfg, env, n_shards)
         del teacher
@@ -1202,6 +1223,31 @@ def prepare_cache(cfg, m: dict, env: dict, n_rows: int):
     return TeacherCache(path, manifest, filled)
 
 
+def check_cached_rows(path: Path, manifest: dict, tokenizer, cfg, env: dict, n_shards: int):
+    """Before the teacher runs: the files the cache already has hold this run's rows (a
+    DATASET edited since would otherwise be found only when training reaches them)."""
+    cache, per = TeacherCache(path, manifest), manifest["shard_rows"]
+    if len(env["eval_rows"]) and (path / "eval.safetensors").is_file():
+        cache.held_out(env["eval_rows"])
+    have = [s for s in range(n_shards) if shard_path(path, s).is_file()]
+    stream = row_stream(cfg.DATASET, tokenizer, cfg.SEQ_LEN, _SEED, env["held"], start_position())
+    for s in range(max(have) + 1 if have else 0):
+        rows = torch.stack([next(stream) for _ in range(per)])
+        if s in have:
+            cache.train_rows(s * per, rows)
+
+
+def check_disk(path: Path, manifest: dict, cfg, rows: int):
+    """Refuse a fill the disk cannot hold, before the teacher runs."""
+    need = rows * (cfg.SEQ_LEN - 1) * (manifest["topk"] * (4 + CACHE_DTYPES[manifest["dtype"]].itemsize)
+                                       + 2 * CACHE_DTYPES[manifest["dtype"]].itemsize) + rows * 8
+    free = shutil.disk_usage(path).free
+    if need > free:
+        raise common.UserError(f"TEACHER_CACHE={str(path)!r} needs about {need / 1e9:.1f} GB more "
+                               f"({rows:,} rows at k={manifest['topk']}) and its disk has "
+                               f"{free / 1e9:.1f} GB free; free space, lower TOPK or MAX_STEPS")
+
+
 def cache_teacher(manifest: dict, device: str, dtype: torch.dtype):
     """The teacher a cache was begun with, refused if it changed since (by content)."""
     name = manifest["teacher"]
@@ -1211,7 +1257,7 @@ def cache_teacher(manifest: dict, device: str, dtype: torch.dtype):
         raise common.UserError(f"the teacher cache lacks rows this run needs, and its teacher "
                                f"cannot be read ({e})") from None
     now = common.fingerprint(name, "the teacher in TEACHER_CACHE's manifest")
-    if now != manifest["teacher_fingerprint"]:
+    if not common.same_model(manifest["teacher_fingerprint"], name, now):
         raise common.UserError(f"the teacher {name!r} changed since its cache was begun "
                                f"(fingerprint {manifest['teacher_fingerprint']}, now {now}); "
                                f"give a new TEACHER_CACHE")
@@ -1262,6 +1308,7 @@ class TeacherCache:
         return out
 
 
+@torch.no_grad()
 def cached_evaluate(student, rows: torch.Tensor, batch_size: int, targets: dict,
                     chunk: int) -> dict:
     """common.evaluate's metrics with the teacher read from a cache: KL as `topk_kl` (k + 1
@@ -1685,6 +1732,11 @@ def train_step(model, teacher, rows: torch.Tensor, plan: dict, pairs: list, acc,
     micro = rows.view(plan["accum"], -1, rows.shape[-1]).to(dev)
     masks = (mask.view(plan["accum"], -1, mask.shape[-1]).to(dev) if mask is not None
              else [None] * len(micro))
+    weights = [1 / len(micro)] * len(micro)  # of each micro-batch's mean loss
+    if mask is not None:  # sampled rows differ in length: every sampled token of the step weighs
+        counts = masks.sum((1, 2)).double()  # the same, over micro-batches and processes
+        n_all = acc.reduce(counts.sum(), "sum") if acc.num_processes > 1 else counts.sum()
+        weights = (counts * acc.num_processes / n_all).tolist()
     total = torch.zeros(4, dtype=torch.float64, device=dev)  # loss, kl, ce, hid
     for k, ids in enumerate(micro):
         target, t_states = None, {}
@@ -1701,9 +1753,9 @@ def train_step(model, teacher, rows: torch.Tensor, plan: dict, pairs: list, acc,
         sync = acc.no_sync(model) if k < len(micro) - 1 and not shard else contextlib.nullcontext()
         with sync:
             loss, stats, hid, n_tok = model(ids, target, t_states, masks[k])
-            acc.backward(loss / len(micro))
+            acc.backward(loss * weights[k])
         total += torch.stack([loss.detach().double(), stats[0] / n_tok, stats[1] / n_tok,
-                              hid.double()]) / len(micro)
+                              hid.double()]) * weights[k]
     if shard:
         grad = torch.nn.utils.clip_grad_norm_(model.parameters(), _GRAD_CLIP)
         grad = grad.full_tensor() if hasattr(grad, "full_tensor") else grad
@@ -1848,6 +1900,12 @@ def main(argv: list[str]) -> dict:
         for _ in range(cfg.GLOBAL_BATCH):
             next(first)
     if cfg.TEACHER_CACHE:  # the rows of the whole run: the winner's too when selecting
+        if select_dir is None and checkpoints(root):  # a run that cannot resume: before the fill
+            check_resumable(read_progress(checkpoints(root)[-1]), checkpoints(root)[-1],
+                            {**vars(cfg), **common.recipe(globals())}, model_ids(cfg, ms[0]),
+                            shard, world)
+        elif select_dir is not None:
+            read_selection(select_dir, cfg, runs, ms, rounds)
         last = rounds[-1] if rounds and cfg.MAX_STEPS is None else plan["stop"]
         env["cache"] = prepare_cache(cfg, ms[0], env, last * cfg.GLOBAL_BATCH)
     if select_dir is None:
@@ -1873,14 +1931,15 @@ def distill_one(cfg, m: dict, env: dict, root: Path, out_dir: Path, stop: int, t
     progress = read_progress(saved[-1]) if saved else None
     if progress:
         check_resumable(progress, saved[-1], {**vars(cfg), **common.recipe(globals())},
-                        {"student": m["student_id"], "teacher": m["teacher_id"]}, shard, world)
+                        model_ids(cfg, m), shard, world)
     data = {"eval_rows": env["eval_rows"],
             "position": progress["data"] if progress else start_position()}
     data["stream"] = row_stream(cfg.DATASET, m["tokenizer"], cfg.SEQ_LEN, _SEED, env["held"],
                                 data["position"])  # keeps data["position"] up to date
-    data["prompt_position"] = dict(progress["prompts"] if progress else env["prompt_start"])
+    data["prompt_position"] = dict((progress or {}).get("prompts") or env["prompt_start"])
     data["prompts"] = (prompt_stream(cfg.DATASET, m["tokenizer"], cfg.SEQ_LEN, _SEED,
-                                     data["prompt_position"]) if cfg.ON_POLICY > 0 else None)
+                                     data["prompt_position"], strict=False)
+                       if cfg.ON_POLICY > 0 else None)
     step = progress["step"] if progress else 0
     data["first"] = next_batch(cfg, data, step + 1, rank, world) if step < stop else None
 
@@ -1895,6 +1954,8 @@ def distill_one(cfg, m: dict, env: dict, root: Path, out_dir: Path, stop: int, t
     model, pairs = build_distiller(student, teacher, m, str(acc.device), shard, world, rank,
                                    env["device"].startswith("cuda"), cfg.DIVERGENCE)
     optimizer, scheduler = make_optimizer(model, cfg.LR, plan)
+    if cfg.ON_POLICY > 0 and rank > 0:  # each process samples with its own random numbers (a
+        torch.manual_seed(_SEED + rank)  # resumed run restores its saved state below instead)
     if not shard:
         model, optimizer = acc.prepare(model, optimizer)
     if progress:
@@ -1935,7 +1996,8 @@ def train(cfg, model, teacher, optimizer, scheduler, acc, data: dict, plan: dict
     inner = model if shard else acc.unwrap_model(model)
     evaluating = common.is_first_process() or shard  # under FSDP every process takes part
     step, tokens = (progress["step"], progress["tokens"]) if progress else (0, 0)
-    ref_loss = progress["ref_loss"] if progress else None
+    ref_loss = progress["ref_loss"] if progress else {}  # the first loss of each kind of step
+    ref_loss = {"rows": ref_loss} if isinstance(ref_loss, float) else ref_loss  # older checkpoints
     start = progress["start"] if progress else {}
     if not progress and evaluating:
         start = held_out(inner, eval_rows, teacher, acc, cfg.BATCH_SIZE, cache)
@@ -1970,8 +2032,8 @@ def train(cfg, model, teacher, optimizer, scheduler, acc, data: dict, plan: dict
             cached = (cache.train_rows(step * cfg.GLOBAL_BATCH + rank * len(rows), rows)
                       if cache is not None else None)  # this process's rows of the global batch
             s = train_step(model, teacher, rows, plan, pairs, acc, shard, dev, cached, mask)
-            ref_loss = s["loss"] if ref_loss is None else ref_loss
-            check_loss(s, step + 1, ref_loss, root)
+            ref_loss.setdefault(kind, s["loss"])  # sampled rows' losses are on another scale
+            check_loss(s, step + 1, ref_loss[kind], root)
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()

@@ -138,7 +138,7 @@ def check_scores(scores: dict, path: str, config, model: str, model_id: str):
     if (tuple(scores["mlp"].shape) != (n, f) or tuple(scores["attention"].shape) != (n, h)
             or scores["attn_ln"].numel() != config.hidden_size):
         raise common.UserError(f"SCORES={path!r} has tensors of the wrong shape for MODEL")
-    if meta["fingerprint"] != model_id:
+    if not common.same_model(meta["fingerprint"], model, model_id):
         raise common.UserError(f"SCORES={path!r} was made from MODEL={meta['model']!r} with other "
                                f"weights than {model!r} holds now (fingerprint {meta['fingerprint']}"
                                f" vs {model_id}); rerun importance_analysis.py on this model")

@@ -2,6 +2,7 @@
 mismatches) and training from it as from the live teacher."""
 
 import shutil
+import types
 import subprocess
 
 import pytest
@@ -259,3 +260,29 @@ def test_selection_and_depth_cut_from_a_cache(teacher_dir, text_file, tmp_path, 
     again = run([shallow, narrow], teacher_dir, text_file, tmp_path / "sel2", *args)
     assert ([c["kl"] for c in again["selection"]["candidates"]]
             == [c["kl"] for c in s["selection"]["candidates"]])
+
+
+def test_a_fill_is_refused_before_the_teacher_runs(student_dir, teacher_dir, text_file, tmp_path,
+                                                   monkeypatch):
+    """What would fail later fails first: data edited since the cache's files were written, a
+    disk too small for the rest, a checkpoint the run could not resume."""
+    data = tmp_path / "corpus.txt"
+    shutil.copy(text_file, data)
+    cache = tmp_path / "cache"
+    run(student_dir, teacher_dir, str(data), tmp_path / "out", f"TEACHER_CACHE={cache}", "TOPK=8",
+        "MAX_STEPS=2", "_CACHE_SHARD_ROWS=4")
+    monkeypatch.setattr(distill, "load_teacher", lambda *a: pytest.fail("the teacher was loaded"))
+    more = [f"TEACHER_CACHE={cache}", "TOPK=8", "MAX_STEPS=4", "_CACHE_SHARD_ROWS=4"]
+    data.write_text(open(text_file).read().replace("fox", "cat"))
+    with pytest.raises(common.UserError, match="holds other text"):
+        run(student_dir, teacher_dir, str(data), tmp_path / "out2", *more)
+    shutil.copy(text_file, data)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: types.SimpleNamespace(free=1000))
+    with pytest.raises(common.UserError, match="GB free"):
+        run(student_dir, teacher_dir, str(data), tmp_path / "out2", *more)
+    monkeypatch.undo()
+    with recipe(distill, _STOP_AT_STEP=1):  # a live run's checkpoint, then the cache added
+        run(student_dir, teacher_dir, str(data), tmp_path / "live", "MAX_STEPS=4")
+    monkeypatch.setattr(distill, "load_teacher", lambda *a: pytest.fail("the teacher was loaded"))
+    with pytest.raises(common.UserError, match="other settings"):
+        run(student_dir, teacher_dir, str(data), tmp_path / "live", *more)

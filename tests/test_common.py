@@ -111,3 +111,17 @@ def test_a_hub_models_fingerprint_is_its_revision(tmp_path, monkeypatch):
     (snap / "model.safetensors").write_bytes(b"\0" * 64)
     assert common.fingerprint("org/tiny") == before == "hub:org/tiny@abc123"
     assert common.fingerprint("org/other") == "hub:org/other"
+
+
+def test_a_hub_model_recorded_by_content_is_still_the_same(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    repo = tmp_path / "models--org--tiny"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    (repo / "snapshots" / "abc123" / "config.json").write_text("{}")
+    old = common.fingerprint("org/tiny", content=True)  # what scores files recorded before
+    now = common.fingerprint("org/tiny")
+    assert old.startswith("sha256:") and common.same_model(old, "org/tiny", now)
+    assert not common.same_model("sha256:0", "org/tiny", now)

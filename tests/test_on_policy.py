@@ -198,3 +198,21 @@ def test_on_policy_two_processes(student_dir, teacher_dir, text_file, tmp_path):
     assert len(logged_losses(done.stdout)) == 3 and done.stdout.count("| sampled") == 3
     assert re.search(r"^sampled_tokens_per_s: [0-9.]+$", done.stdout, re.M)
     assert common.read_record(tmp_path / "two")["distill"]["processes"] == 2
+
+
+def test_prompts_that_cannot_be_made_are_skipped_during_training(student_dir, tmp_path, capsys):
+    """Checked strictly for the first step (before loading); later, an odd record is skipped
+    with a warning instead of stopping a long run for good."""
+    student = chat_student(student_dir, tmp_path)
+    tok = common.load_tokenizer(student)
+    records = [conversation(0), [{"role": "assistant", "content": "no question"}], conversation(1)]
+    data = chat_data(tmp_path, records)
+    got = distill.prompt_stream(data, tok, 128, 0, {"epoch": 0, "documents": 0, "after_held_out": 0},
+                                strict=False)
+    prompts = [next(got) for _ in range(4)]
+    assert len({len(p) for p in prompts}) == 1  # the two good conversations, twice
+    assert "skipped: DATASET document" in capsys.readouterr().out
+    strict = distill.prompt_stream(data, tok, 128, 0, {"epoch": 0, "documents": 0,
+                                                        "after_held_out": 0})
+    with pytest.raises(common.UserError, match="no user turn"):
+        [next(strict) for _ in range(3)]

@@ -31,19 +31,26 @@ def random_case(n=40, h=12, v=53, seed=0):
     return h_s, w_s, h_t, w_t, torch.randint(0, v, (n,), generator=g)
 
 
+def check_loss_and_grads(want, h_s, w_s, teacher, y, chunks, **kw):
+    """logit_loss with `teacher` equals `want` and its gradients at every chunk size (float64);
+    returns the last loss."""
+    gh, gw = torch.autograd.grad(want, (h_s, w_s), retain_graph=True)
+    for chunk in chunks:
+        got, _ = distill.logit_loss(h_s, w_s, teacher, y, chunk=chunk, **kw)
+        ch, cw = torch.autograd.grad(got, (h_s, w_s))
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(ch, gh, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(cw, gw, rtol=1e-9, atol=1e-12)
+    return got
+
+
 def test_cached_kl_with_every_logit_is_the_full_kl():
     """k = vocab: the cached loss and its gradients are the live full-logit ones (float64)."""
     h_s, w_s, h_t, w_t, y = random_case()
     want = distill.direct_logit_loss(h_s, w_s, h_t, w_t, y)
-    gh, gw = torch.autograd.grad(want, (h_s, w_s))
     ids, logp, rest = distill.topk_entries((h_t @ w_t.T).log_softmax(-1), w_t.shape[0])
     assert torch.isneginf(rest).all()
-    for chunk in (7, 64):
-        got, stats = distill.logit_loss(h_s, w_s, ("topk", ids, logp, rest), y, chunk=chunk)
-        ch, cw = torch.autograd.grad(got, (h_s, w_s))
-        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
-        torch.testing.assert_close(ch, gh, rtol=1e-10, atol=1e-12)
-        torch.testing.assert_close(cw, gw, rtol=1e-10, atol=1e-12)
+    check_loss_and_grads(want, h_s, w_s, ("topk", ids, logp, rest), y, (7, 64))
 
 
 def bucketed_kl(z_s, lt, ids):
@@ -63,13 +70,7 @@ def test_cached_kl_is_the_bucketed_kl(k):
     lt = (h_t @ w_t.T).log_softmax(-1)
     ids, logp, rest = distill.topk_entries(lt, k)
     want = bucketed_kl(h_s @ w_s.T, lt, ids)
-    gh, gw = torch.autograd.grad(want, (h_s, w_s))
-    for chunk in (7, 40):
-        got, stats = distill.logit_loss(h_s, w_s, ("topk", ids, logp, rest), y, chunk=chunk)
-        ch, cw = torch.autograd.grad(got, (h_s, w_s))
-        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
-        torch.testing.assert_close(ch, gh, rtol=1e-9, atol=1e-12)
-        torch.testing.assert_close(cw, gw, rtol=1e-9, atol=1e-12)
+    got = check_loss_and_grads(want, h_s, w_s, ("topk", ids, logp, rest), y, (7, 40))
     # a KL of coarser distributions never exceeds the full one (data processing inequality)
     assert got.item() <= distill.direct_logit_loss(h_s, w_s, h_t, w_t, y).item() + 1e-12
 

@@ -11,6 +11,7 @@ import torch
 import common
 import distill
 from conftest import ROOT, make_model, make_tokenizer, olmo3_config, recipe
+from test_cache import check_loss_and_grads
 from test_distill import launch_cmd, logged_losses, run
 
 
@@ -41,14 +42,8 @@ def test_student_side_divergences_equal_a_dense_computation(divergence, temperat
     z_s = h_s @ w_s.T
     want = (dense_divergence(z_s, h_t @ w_t.T, divergence, temperature)
             + ce_w * torch.nn.functional.cross_entropy(z_s, y))
-    gh, gw = torch.autograd.grad(want, (h_s, w_s))
-    for chunk in (7, 64):
-        got, stats = distill.logit_loss(h_s, w_s, ("logits", h_t, w_t), y, temperature, 1.0, ce_w,
-                                        chunk, divergence)
-        ch, cw = torch.autograd.grad(got, (h_s, w_s))
-        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
-        torch.testing.assert_close(ch, gh, rtol=1e-9, atol=1e-12)
-        torch.testing.assert_close(cw, gw, rtol=1e-9, atol=1e-12)
+    check_loss_and_grads(want, h_s, w_s, ("logits", h_t, w_t), y, (7, 64),
+                         temperature=temperature, ce_w=ce_w, divergence=divergence)
 
 
 # ---- sampled rows -------------------------------------------------------------------------------

@@ -426,9 +426,6 @@ def fingerprint(name: str, constant: str = "MODEL", content: bool = False) -> st
     return "sha256:" + h.hexdigest()[:32]
 
 
-# ----------------------------------------------------------------------------------------------
-# Outputs that never destroy a user's data
-
 def same_model(recorded: str, name: str, now: str, constant: str = "MODEL") -> bool:
     """Whether fingerprint `recorded` is model `name`'s, whose fingerprint is `now` (a hub
     model recorded by an older Pare by the content of its cached files counts too)."""
@@ -436,6 +433,9 @@ def same_model(recorded: str, name: str, now: str, constant: str = "MODEL") -> b
         return True
     return now.startswith("hub:") and "@" in now and recorded == fingerprint(name, constant, True)
 
+
+# ----------------------------------------------------------------------------------------------
+# Outputs that never destroy a user's data
 
 RECORD = "pare.json"  # the human-readable record next to the weights (prune.py, distill.py)
 
@@ -707,10 +707,11 @@ def packed_rows(dataset: str, tokenizer, seq_len: int, seed: int, position: dict
 
 
 def calibration_rows(dataset: str, tokenizer, num_rows: int, seq_len: int, seed: int,
-                     skip_rows: int = 0) -> torch.Tensor:
+                     skip_rows: int = 0, position: dict | None = None) -> torch.Tensor:
     """`num_rows` rows of exactly `seq_len` token ids (`packed_rows` after its first `skip_rows`),
-    deterministic; fewer when the data runs out, but at least one."""
-    stream = packed_rows(dataset, tokenizer, seq_len, seed)
+    deterministic; fewer when the data runs out, but at least one. `position`: packed_rows'
+    (from the start), left where the last row was cut."""
+    stream = packed_rows(dataset, tokenizer, seq_len, seed, position)
     rows = list(itertools.islice(stream, skip_rows, skip_rows + num_rows))
     if not rows:
         after = f" after the first {skip_rows} rows" if skip_rows else ""

@@ -147,25 +147,23 @@ class ChunkedDistillLoss(torch.autograd.Function):
             grad = None
             if kl_w:                                      # grad: p_s - target at temperature T
                 ls = ls1 if temperature == 1 else (z_s / temperature).log_softmax(-1)
-                if teacher[0] == "logits":
+                pt = None  # the target distribution of a forward KL
+                if teacher[0] == "topk":
+                    kl, pt = topk_kl(ls, *(t[i:i + chunk] for t in teacher[1:]), target=True)
+                else:
                     z_t = (teacher[1][i:i + chunk] @ teacher[2].T).to(wide)
                     lt = (z_t if temperature == 1 else z_t / temperature).log_softmax(-1)
                     del z_t
-                if teacher[0] == "logits" and divergence != "forward_kl":
-                    kl, grad = student_side_divergence(ls, lt, divergence)
-                    kl_sum += kl
-                    del lt
-                else:
-                    if teacher[0] == "logits":
+                    if divergence == "forward_kl":
                         pt = lt.exp()
-                        kl_sum += torch.dot(pt.flatten(), lt.sub_(ls).flatten()).double()  # lt spent
-                        del lt
+                        kl = torch.dot(pt.flatten(), lt.sub_(ls).flatten()).double()  # lt spent
                     else:
-                        kl, pt = topk_kl(ls, *(t[i:i + chunk] for t in teacher[1:]), target=True)
-                        kl_sum += kl
+                        kl, grad = student_side_divergence(ls, lt, divergence)
+                    del lt
+                kl_sum += kl
+                if pt is not None:
                     grad = (ls.exp() if ls is ls1 and ce_w else ls.exp_()).sub_(pt)
-                    del pt
-                del ls
+                del pt, ls
             del z_s
             if ce_w:                                      # grad: softmax(z_s) - onehot(y)
                 p1 = ls1.exp_()                           # in place: ls1 is spent
@@ -463,6 +461,12 @@ def check_knobs(cfg):
     if cfg.ON_POLICY > 0 and cfg.TEACHER_CACHE:
         raise common.UserError("ON_POLICY > 0 needs the live teacher to score the student's "
                                "samples, which no cache holds: set TEACHER_CACHE=None")
+    if cfg.ON_POLICY > 0 and _KL_WEIGHT == 0:
+        raise common.UserError("ON_POLICY > 0 with _KL_WEIGHT=0 in distill.py: the student's own "
+                               "samples carry no loss without the teacher's")
+    if cfg.ON_POLICY > 0 and (_GEN_TEMPERATURE <= 0 or not 0 < _PROMPT_SHARE < 1):
+        raise common.UserError(f"distill.py's _GEN_TEMPERATURE={_GEN_TEMPERATURE} must be positive "
+                               f"and _PROMPT_SHARE={_PROMPT_SHARE} lie in (0, 1)")
     if cfg.TEACHER_CACHE is not None:
         common.at_least(cfg, 1, "TOPK")
         if cfg.DIVERGENCE != "forward_kl":
@@ -494,7 +498,7 @@ def resolve_models(cfg) -> dict:
     ids = {"student_id": common.fingerprint(cfg.STUDENT, "STUDENT")}
     manifest = read_manifest(Path(cfg.TEACHER_CACHE).expanduser()) if cfg.TEACHER_CACHE else None
     if manifest is not None:
-        return {**cached_teacher(cfg, manifest, s_conf, tokenizer), **ids, "record": record,
+        return {**teacher_of_cache(cfg, manifest, s_conf, tokenizer), **ids, "record": record,
                 "s_conf": s_conf, "tokenizer": tokenizer}
     teacher, constant = cfg.TEACHER, "TEACHER"
     if teacher is None:
@@ -522,7 +526,7 @@ def resolve_models(cfg) -> dict:
             "teacher_id": common.fingerprint(teacher, constant)}
 
 
-def cached_teacher(cfg, manifest: dict, s_conf, tokenizer) -> dict:
+def teacher_of_cache(cfg, manifest: dict, s_conf, tokenizer) -> dict:
     """The teacher of an existing cache, checked against TEACHER and the student's tokenizer."""
     check_manifest(manifest, cfg)
     name, where = manifest["teacher"], f"TEACHER_CACHE={cfg.TEACHER_CACHE!r}"
@@ -563,11 +567,13 @@ def row_stream(dataset: str, tokenizer, seq_len: int, seed: int, held_out: int, 
         position.update(start_position(), epoch=position["epoch"] + 1)
 
 
-def local_batch(stream, global_batch: int, rank: int, world: int) -> torch.Tensor:
-    """This process's share of the next global batch of rows (every process reads them all)."""
-    rows = torch.stack([next(stream) for _ in range(global_batch)])
+def local_batch(stream, global_batch: int, rank: int, world: int, stack: bool = True):
+    """This process's share of the next global batch (every process reads it all): rows as one
+    tensor, or (`stack` False) a list, e.g. of prompts of different lengths."""
+    items = [next(stream) for _ in range(global_batch)]
     share = global_batch // world
-    return rows[rank * share:(rank + 1) * share]
+    mine = items[rank * share:(rank + 1) * share]
+    return torch.stack(mine) if stack else mine
 
 
 def schedule(cfg, world: int) -> dict:
@@ -639,6 +645,16 @@ def check_resumable(progress: dict, path: Path, settings: dict, ids: dict, shard
     if progress["world"] != world:
         common.print0(f"warning: checkpoint written by {progress['world']} processes, resuming on "
                       f"{world}: same data order, losses equal only within float tolerance")
+
+
+def latest_progress(cfg, m: dict, root: Path, shard: bool, world: int) -> tuple:
+    """(checkpoints under `root`, the latest one's progress or None), checked to resume."""
+    saved = checkpoints(root)
+    progress = read_progress(saved[-1]) if saved else None
+    if progress:
+        check_resumable(progress, saved[-1], {**vars(cfg), **common.recipe(globals())},
+                        model_ids(cfg, m), shard, world)
+    return saved, progress
 
 
 def model_ids(cfg, m: dict) -> dict:
@@ -884,16 +900,9 @@ def on_policy_step(step: int, share: float) -> bool:
         _SEED * 1_000_003 + step)).item() < share
 
 
-def prompt_start(cfg, tokenizer) -> dict:
+def prompt_start(held_documents: int) -> dict:
     """Where prompt_stream begins: after the documents the held-out rows were packed from."""
-    documents = 0
-    if cfg.ON_POLICY > 0 and cfg.EVAL_SAMPLES and not _EVAL_DATASET:
-        position = {"documents": 0, "carry": []}
-        rows = common.packed_rows(cfg.DATASET, tokenizer, cfg.SEQ_LEN, _SEED, position)
-        for _ in zip(range(cfg.EVAL_SAMPLES), rows):
-            pass
-        documents = position["documents"]
-    return {"epoch": 0, "documents": documents, "after_held_out": documents}
+    return {"epoch": 0, "documents": held_documents, "after_held_out": held_documents}
 
 
 def prompt_ids(doc, tokenizer, seq_len: int, n: int) -> list[int] | None:
@@ -952,25 +961,12 @@ def next_batch(cfg, data: dict, step: int, rank: int, world: int) -> tuple:
     """This process's share of step `step`'s batch: ("sample", prompts) on an on-policy step,
     else ("rows", packed rows)."""
     if on_policy_step(step, cfg.ON_POLICY):
-        return "sample", local_prompts(data["prompts"], cfg.GLOBAL_BATCH, rank, world)
+        return "sample", local_batch(data["prompts"], cfg.GLOBAL_BATCH, rank, world, stack=False)
     return "rows", local_batch(data["stream"], cfg.GLOBAL_BATCH, rank, world)
-
-
-def local_prompts(stream, global_batch: int, rank: int, world: int) -> list:
-    """This process's share of the next global batch of prompts (every process reads them all)."""
-    prompts = [next(stream) for _ in range(global_batch)]
-    share = global_batch // world
-    return prompts[rank * share:(rank + 1) * share]
 
 
 def check_generation(cfg, s_conf, tokenizer):
     """Refuse a student that could not sample, before anything loads."""
-    if _KL_WEIGHT == 0:
-        raise common.UserError("ON_POLICY > 0 with _KL_WEIGHT=0 in distill.py: the student's own "
-                               "samples carry no loss without the teacher's")
-    if _GEN_TEMPERATURE <= 0 or not 0 < _PROMPT_SHARE < 1:
-        raise common.UserError(f"distill.py's _GEN_TEMPERATURE={_GEN_TEMPERATURE} must be positive "
-                               f"and _PROMPT_SHARE={_PROMPT_SHARE} lie in (0, 1)")
     limit = getattr(s_conf, "max_position_embeddings", None)
     if limit is not None and cfg.SEQ_LEN > limit:
         raise common.UserError(f"STUDENT's config allows {limit} positions (max_position_embeddings) "
@@ -1184,7 +1180,7 @@ def fill_cache(path: Path, manifest: dict, teacher, tokenizer, cfg, env: dict, n
     if tok:
         common.print0(f"teacher cache: {len(todo)} shards, {tok:,} tokens in {dt:.1f}s "
                       f"({tok / dt:,.0f} tokens/s this process), {written / tok:.1f} bytes per token "
-                      f"(k={k}, {manifest['dtype']}: {6 if dtype != torch.float32 else 8} bytes a "
+                      f"(k={k}, {manifest['dtype']}: {4 + dtype.itemsize} bytes a "
                       f"kept logit)")
     return {"tokens": tok, "seconds": dt, "bytes": written}
 
@@ -1212,7 +1208,7 @@ def prepare_cache(cfg, m: dict, env: dict, n_rows: int):
         check_cached_rows(path, manifest, m["tokenizer"], cfg, env, n_shards)
         check_disk(path, manifest, cfg, (n_shards - have) * manifest["shard_rows"]
                    + (len(env["eval_rows"]) if lacks_eval else 0))
-        teacher = cache_teacher(manifest, str(env["acc"].device), env["dtype"])
+        teacher = load_cache_teacher(manifest, str(env["acc"].device), env["dtype"])
         filled = fill_cache(path, manifest, teacher, m["tokenizer"], cfg, env, n_shards)
         del teacher
         env["acc"].wait_for_everyone()
@@ -1248,7 +1244,7 @@ def check_disk(path: Path, manifest: dict, cfg, rows: int):
                                f"{free / 1e9:.1f} GB free; free space, lower TOPK or MAX_STEPS")
 
 
-def cache_teacher(manifest: dict, device: str, dtype: torch.dtype):
+def load_cache_teacher(manifest: dict, device: str, dtype: torch.dtype):
     """The teacher a cache was begun with, refused if it changed since (by content)."""
     name = manifest["teacher"]
     try:
@@ -1612,13 +1608,15 @@ def warn_small_run_traps(cfg, plan: dict, device: str):
                       f"few hundred tokens/s each step takes hours; for a trial run lower both")
 
 
-def held_out_rows(cfg, tokenizer) -> tuple[torch.Tensor, int]:
-    """(EVAL_SAMPLES held-out rows, how many rows of DATASET they take away from training)."""
+def held_out_rows(cfg, tokenizer) -> tuple[torch.Tensor, int, int]:
+    """(EVAL_SAMPLES held-out rows, how many rows and documents of DATASET they take away from
+    training)."""
     if not cfg.EVAL_SAMPLES:
-        return torch.empty(0, cfg.SEQ_LEN, dtype=torch.long), 0
+        return torch.empty(0, cfg.SEQ_LEN, dtype=torch.long), 0, 0
+    position = {"documents": 0, "carry": []}
     rows = common.calibration_rows(_EVAL_DATASET or cfg.DATASET, tokenizer, cfg.EVAL_SAMPLES,
-                                   cfg.SEQ_LEN, _SEED)
-    return rows, 0 if _EVAL_DATASET else len(rows)
+                                   cfg.SEQ_LEN, _SEED, position=position)
+    return (rows, 0, 0) if _EVAL_DATASET else (rows, len(rows), position["documents"])
 
 
 def print_memory(s_conf, t_conf, dtype: torch.dtype, shards: int, device: str):
@@ -1888,10 +1886,10 @@ def main(argv: list[str]) -> dict:
     plan = schedule(cfg, world)
     rounds = funnel(cfg, plan, len(runs), shard) if select_dir else None
     warn_small_run_traps(cfg, plan, device)
-    eval_rows, held = held_out_rows(cfg, ms[0]["tokenizer"])  # data fails before any model loads
+    eval_rows, held, held_docs = held_out_rows(cfg, ms[0]["tokenizer"])  # before any model loads
     env = {"acc": acc, "world": world, "rank": rank, "shard": shard, "plan": plan,
            "device": device, "dtype": common.pick_dtype(_DTYPE, device), "eval_rows": eval_rows,
-           "held": held, "cache": None, "prompt_start": prompt_start(cfg, ms[0]["tokenizer"])}
+           "held": held, "cache": None, "prompt_start": prompt_start(held_docs)}
     if cfg.ON_POLICY > 0:  # sampling settings and the first step's prompts, before any load
         for m in ms:
             check_generation(cfg, m["s_conf"], m["tokenizer"])
@@ -1900,11 +1898,9 @@ def main(argv: list[str]) -> dict:
         for _ in range(cfg.GLOBAL_BATCH):
             next(first)
     if cfg.TEACHER_CACHE:  # the rows of the whole run: the winner's too when selecting
-        if select_dir is None and checkpoints(root):  # a run that cannot resume: before the fill
-            check_resumable(read_progress(checkpoints(root)[-1]), checkpoints(root)[-1],
-                            {**vars(cfg), **common.recipe(globals())}, model_ids(cfg, ms[0]),
-                            shard, world)
-        elif select_dir is not None:
+        if select_dir is None:  # a run that could not resume is refused before the fill
+            latest_progress(cfg, ms[0], root, shard, world)
+        else:
             read_selection(select_dir, cfg, runs, ms, rounds)
         last = rounds[-1] if rounds and cfg.MAX_STEPS is None else plan["stop"]
         env["cache"] = prepare_cache(cfg, ms[0], env, last * cfg.GLOBAL_BATCH)
@@ -1927,11 +1923,7 @@ def distill_one(cfg, m: dict, env: dict, root: Path, out_dir: Path, stop: int, t
     `always_write`). Returns the run summary."""
     acc, world, rank, shard = env["acc"], env["world"], env["rank"], env["shard"]
     plan = dict(env["plan"], stop=stop, checkpoint_at_stop=always_write or stop < env["plan"]["max_steps"])
-    saved = checkpoints(root)
-    progress = read_progress(saved[-1]) if saved else None
-    if progress:
-        check_resumable(progress, saved[-1], {**vars(cfg), **common.recipe(globals())},
-                        model_ids(cfg, m), shard, world)
+    saved, progress = latest_progress(cfg, m, root, shard, world)
     data = {"eval_rows": env["eval_rows"],
             "position": progress["data"] if progress else start_position()}
     data["stream"] = row_stream(cfg.DATASET, m["tokenizer"], cfg.SEQ_LEN, _SEED, env["held"],

@@ -19,6 +19,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import socket
 import sys
 import time
@@ -66,6 +67,29 @@ def run(main):
     except KeyboardInterrupt:
         print("interrupted: nothing was saved", file=sys.stderr)
         sys.exit(130)
+
+
+@contextlib.contextmanager
+def stop_requests():
+    """Ctrl-C or SIGTERM inside the block: the first asks a loop to stop at its next safe point
+    (distill.py: after the current step, with a checkpoint); the second stops at once. Yields a
+    dict whose "stop" turns True."""
+    flag = {"stop": False}
+
+    def handler(signum, frame):
+        if flag["stop"]:
+            raise Interrupted("stopped at once; the last complete checkpoint, if any, is "
+                                     "kept: run the same command again to resume from it")
+        flag["stop"] = True
+        print0(f"\n{signal.Signals(signum).name}: stopping after this step with a "
+                      f"checkpoint (once more: stop at once)")
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -401,17 +425,16 @@ def _check_safetensors(path: Path, size: int):
                         f"{8 + n + end}); re-save or re-download the model")
 
 
-def fingerprint(name: str, constant: str = "MODEL", content: bool = False) -> str:
+def fingerprint(name: str, constant: str = "MODEL") -> str:
     """A cheap content hash of a local model: config.json, and each weight file's name, size
     and `_SAMPLES` evenly spaced blocks. The same model moved or copied keeps it; other weights
     saved at the same path change it. Also checks that safetensors files are complete. A hub id
     is its name and cached revision (the commit the files came from: the same before and after
-    its weights are downloaded; `content`: the content hash of its cached files instead, as Pare
-    recorded hub models before), or its name alone when nothing of it is cached."""
+    its weights are downloaded), or its name alone when nothing of it is cached."""
     root = model_files(name)
     if root is None:
         return f"hub:{name}"
-    if not Path(name).is_dir() and not content:  # a hub cache snapshot: .../snapshots/<commit>
+    if not Path(name).is_dir():  # a hub cache snapshot: .../snapshots/<commit>
         return f"hub:{name}@{root.name}"
     h = hashlib.sha256((root / "config.json").read_bytes())
     for path in sorted(p for p in root.iterdir() if p.name.endswith(WEIGHT_SUFFIXES)):
@@ -424,14 +447,6 @@ def fingerprint(name: str, constant: str = "MODEL", content: bool = False) -> st
                 f.seek(k * max(size - _BLOCK, 0) // max(_SAMPLES - 1, 1))
                 h.update(f.read(_BLOCK))
     return "sha256:" + h.hexdigest()[:32]
-
-
-def same_model(recorded: str, name: str, now: str, constant: str = "MODEL") -> bool:
-    """Whether fingerprint `recorded` is model `name`'s, whose fingerprint is `now` (a hub
-    model recorded by an older Pare by the content of its cached files counts too)."""
-    if recorded == now:
-        return True
-    return now.startswith("hub:") and "@" in now and recorded == fingerprint(name, constant, True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -488,6 +503,32 @@ def check_output(path: str, constant: str, inputs: dict, is_previous) -> Path:
         raise UserError(f"{constant}={path!r} is not writable ({parent} is not a writable "
                         f"directory)")
     return p
+
+
+def read_json(path: Path, what: str, required: tuple = (), stage: str | None = None,
+              fix: str = "") -> dict:
+    """The JSON object in file `path` (`what` it is, for messages), or one UserError naming the
+    file: not JSON, not an object, not of `stage` (its "stage" key), or lacking a `required`
+    key. `fix` ends the message (what the user should do, e.g. "delete DIR to start again")."""
+    path = Path(path)
+    tail = f"; {fix}" if fix else ""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} is not a readable {what} ({' '.join(str(e).split())[:150]})"
+                        f"{tail}") from None
+    if not isinstance(data, dict) or (stage is not None and data.get("stage") != stage):
+        raise UserError(f"{path} is not a {what}{tail}")
+    missing = [k for k in required if k not in data]
+    if missing:
+        raise UserError(f"{path} is not a {what} of this version of Pare (lacks {missing}){tail}")
+    return data
+
+
+def changed_settings(saved: dict, now: dict, ignore=()) -> dict:
+    """{name: (saved value, value now)} of the settings in `now` that differ from `saved`
+    (those in `ignore` may change)."""
+    return {k: (saved.get(k), v) for k, v in now.items() if k not in ignore and saved.get(k) != v}
 
 
 def is_record_of(path: Path, stage: str) -> bool:
@@ -637,14 +678,15 @@ def _documents_from_hub(name: str, seed: int, skip: int = 0):
     return stream.skip(skip) if skip else stream
 
 
-def render(doc, tokenizer) -> str:
-    """One document as text: chat `messages` through the chat template, or a `text` field."""
+def render(doc, tokenizer, model_knob: str = "MODEL") -> str:
+    """One document as text: chat `messages` through the chat template, or a `text` field
+    (`model_knob`: the knob that named the tokenizer's model, for messages)."""
     if isinstance(doc, str):
         return doc
     if "messages" in doc:
         if not tokenizer.chat_template:
-            raise UserError("DATASET has a 'messages' column but MODEL's tokenizer has no chat "
-                            "template; use a dataset with a 'text' column")
+            raise UserError(f"DATASET has a 'messages' column but {model_knob}'s tokenizer has no "
+                            f"chat template; use a dataset with a 'text' column")
         if not isinstance(doc["messages"], list) or not doc["messages"]:
             raise UserError(f"DATASET has a record whose 'messages' is {doc['messages']!r}, "
                             f"not a list of turns")
@@ -676,7 +718,8 @@ def documents(dataset: str, seed: int, skip: int = 0):
     return _documents_from_hub(dataset, seed, skip)
 
 
-def packed_rows(dataset: str, tokenizer, seq_len: int, seed: int, position: dict | None = None):
+def packed_rows(dataset: str, tokenizer, seq_len: int, seed: int, position: dict | None = None,
+                model_knob: str = "MODEL"):
     """Yield rows of `seq_len` token ids one at a time: each document rendered, tokenized
     without added special tokens and followed by EOS, documents concatenated and cut into rows
     (packing measurably helps calibration, Minitron P1).
@@ -685,10 +728,11 @@ def packed_rows(dataset: str, tokenizer, seq_len: int, seed: int, position: dict
     documents with those tokens already in the packing buffer. It is updated in place before
     each row is yielded, so a copy taken after any row resumes the stream right after that row
     without re-reading or re-tokenizing what came before ({"documents": 0, "carry": []}: the start).
+    `model_knob`: the knob that named the tokenizer's model, for messages.
     """
     eos = tokenizer.eos_token_id
     if eos is None:
-        raise UserError("MODEL's tokenizer has no eos token to separate packed documents")
+        raise UserError(f"{model_knob}'s tokenizer has no eos token to separate packed documents")
     position = {"documents": 0, "carry": []} if position is None else position
     buf: list[int] = list(position["carry"])
     docs = iter(documents(dataset, seed, skip=position["documents"]))
@@ -701,23 +745,49 @@ def packed_rows(dataset: str, tokenizer, seq_len: int, seed: int, position: dict
         doc = next(docs, None)
         if doc is None:
             return
-        buf.extend(tokenizer(render(doc, tokenizer), add_special_tokens=False)["input_ids"])
+        buf.extend(tokenizer(render(doc, tokenizer, model_knob), add_special_tokens=False)["input_ids"])
         buf.append(eos)
         position["documents"] += 1
 
 
 def calibration_rows(dataset: str, tokenizer, num_rows: int, seq_len: int, seed: int,
-                     skip_rows: int = 0, position: dict | None = None) -> torch.Tensor:
+                     skip_rows: int = 0, position: dict | None = None,
+                     model_knob: str = "MODEL") -> torch.Tensor:
     """`num_rows` rows of exactly `seq_len` token ids (`packed_rows` after its first `skip_rows`),
     deterministic; fewer when the data runs out, but at least one. `position`: packed_rows'
     (from the start), left where the last row was cut."""
-    stream = packed_rows(dataset, tokenizer, seq_len, seed, position)
+    stream = packed_rows(dataset, tokenizer, seq_len, seed, position, model_knob)
     rows = list(itertools.islice(stream, skip_rows, skip_rows + num_rows))
     if not rows:
         after = f" after the first {skip_rows} rows" if skip_rows else ""
         raise UserError(f"DATASET={dataset!r} yields fewer than one row of SEQ_LEN={seq_len} "
                         f"tokens{after}; use more data or a smaller SEQ_LEN")
     return torch.stack(rows)
+
+
+def start_position() -> dict:
+    """Where `row_stream` begins: epoch 0, no rows, documents or carried tokens yet."""
+    return {"epoch": 0, "row": 0, "documents": 0, "carry": []}
+
+
+def row_stream(dataset: str, tokenizer, seq_len: int, seed: int, held_out: int, position: dict,
+               model_knob: str = "STUDENT"):
+    """Training rows forever: DATASET's packed rows after the first `held_out`, in the same order
+    again when the data runs out. Begins at `position` and keeps it up to date in place (epoch,
+    rows of this epoch, and packed_rows' documents read and carried tokens), so a copy saved
+    after any row resumes right after it without re-reading the data before it."""
+    while True:
+        for row in packed_rows(dataset, tokenizer, seq_len, seed, position, model_knob):
+            position["row"] += 1
+            if position["row"] > held_out:
+                yield row
+        if position["row"] <= held_out:
+            raise UserError(f"DATASET={dataset!r} has no rows of SEQ_LEN={seq_len} tokens "
+                            f"left after the {held_out} held-out rows; use more data, "
+                            f"a smaller SEQ_LEN or fewer EVAL_SAMPLES")
+        print0(f"data: DATASET has {position['row'] - held_out} training rows of "
+               f"{seq_len} tokens; repeating it (epoch {position['epoch'] + 2})")
+        position.update(start_position(), epoch=position["epoch"] + 1)
 
 
 def batches(rows: torch.Tensor, batch_size: int):
@@ -734,10 +804,45 @@ def final_hidden(model, ids: torch.Tensor) -> torch.Tensor:
     return model.model(input_ids=ids.to(input_device(model)), use_cache=False).last_hidden_state
 
 
-def lm_loss(model, ids: torch.Tensor, chunk_tokens: int = 4096) -> tuple[float, int]:
-    """Summed next-token cross-entropy (float32) and token count for rows `ids`, chunked."""
-    hidden = final_hidden(model, ids)[:, :-1].flatten(0, 1)
-    return hidden_loss(model, hidden, ids, chunk_tokens), hidden.shape[0]
+def log_probs(head, hidden: torch.Tensor) -> torch.Tensor:
+    """Next-token log-probabilities of hidden states [N, H] through `head` (an lm_head module or
+    function), in float32 (float64 for float64 inputs)."""
+    return head(hidden).to(torch.promote_types(hidden.dtype, torch.float32)).log_softmax(-1)
+
+
+def chunked_log_probs(head, hidden: torch.Tensor, chunk_tokens: int):
+    """(start, log_probs) of `hidden`'s tokens `chunk_tokens` at a time, so that
+    full-vocabulary logits exist for one chunk only: the one pass over lm_head of every
+    held-out metric and of the teacher cache."""
+    for i in range(0, len(hidden), chunk_tokens):
+        yield i, log_probs(head, hidden[i:i + chunk_tokens])
+
+
+def topk_kl(ls, ids, logp, rest, target: bool = False):
+    """Summed KL(teacher || student) over the teacher's top-k support plus one "rest" bucket.
+
+    `ls`: the student's log-probabilities [n, vocab]; `ids`, `logp` [n, k]: the teacher's top-k
+    token ids and log-probabilities; `rest` [n]: the log of the teacher's remaining mass. The
+    student's distribution is bucketed the same way (its probabilities at `ids`, and the rest
+    of its mass in one bucket), so this is a true KL between two distributions on k + 1 outcomes:
+    it never exceeds the full-vocabulary KL and equals it when k = vocab (cached top-k KL without
+    the missing mass is biased; arXiv 2503.16870). With `target`, also the dense distribution
+    whose difference to p_s is the gradient w.r.t. the student's logits: the teacher's
+    probabilities on the support, and outside it the student's own, rescaled to the teacher's
+    rest mass (derivative of the rest bucket's term). Used by distill.py's loss and `evaluate`.
+    """
+    logp, rest = logp.to(ls.dtype), rest.to(ls.dtype)
+    ids = ids.long()
+    q = logp.exp()
+    kl = torch.dot(q.flatten(), (logp - ls.gather(1, ids)).flatten()).double()
+    ls_rest = ls.scatter(1, ids, -math.inf).logsumexp(-1)   # -inf when k = vocab
+    has_rest = rest > -math.inf
+    kl = kl + torch.where(has_rest, rest.exp() * (rest - ls_rest), 0.0).sum(dtype=torch.float64)
+    if not target:
+        return kl, None
+    shift = torch.where(has_rest, rest - ls_rest, -math.inf)   # log(q_rest / p_rest)
+    dense = (ls + shift[:, None]).exp_().scatter_(1, ids, q)   # in log space: no 0 x inf
+    return kl, dense
 
 
 def hidden_loss(model, hidden: torch.Tensor, ids: torch.Tensor, chunk_tokens: int = 4096) -> float:
@@ -745,11 +850,15 @@ def hidden_loss(model, hidden: torch.Tensor, ids: torch.Tensor, chunk_tokens: in
     ([B * (T - 1), H], the predictions for ids[:, 1:]), chunked."""
     labels = ids[:, 1:].flatten().to(hidden.device)
     total = 0.0
-    for i in range(0, len(labels), chunk_tokens):
-        logits = model.lm_head(hidden[i:i + chunk_tokens]).float()
-        total += torch.nn.functional.cross_entropy(
-            logits, labels[i:i + chunk_tokens], reduction="sum").item()
+    for i, ls in chunked_log_probs(model.lm_head, hidden, chunk_tokens):
+        total -= ls.gather(1, labels[i:i + chunk_tokens, None]).sum().item()
     return total
+
+
+def lm_loss(model, ids: torch.Tensor, chunk_tokens: int = 4096) -> tuple[float, int]:
+    """Summed next-token cross-entropy (float32) and token count for rows `ids`, chunked."""
+    hidden = final_hidden(model, ids)[:, :-1].flatten(0, 1)
+    return hidden_loss(model, hidden, ids, chunk_tokens), hidden.shape[0]
 
 
 @torch.no_grad()
@@ -782,39 +891,56 @@ def final_hiddens(model, rows: torch.Tensor, batch_size: int) -> list[torch.Tens
     return [final_hidden(model, ids) for ids in batches(rows, batch_size)]
 
 
+def teacher_terms(teacher, ht, cached: dict | None, span: slice, labels, ls) -> tuple:
+    """(summed KL(teacher || student), summed teacher NLL) of one chunk of tokens: against the
+    live teacher's final hidden states `ht`, or a teacher cache's top-k targets `cached`
+    (flattened over the batch's tokens; the KL over k + 1 buckets, see `topk_kl`)."""
+    if cached is not None:
+        t = {k: v[span].to(ls.device) for k, v in cached.items()}
+        return topk_kl(ls, t["ids"], t["logp"], t["rest"])[0].item(), -t["target"].double().sum().item()
+    lt = log_probs(teacher.lm_head, ht[span]).to(ls.device)
+    nll = -lt.gather(1, labels.to(lt.device)[:, None]).sum().item()
+    return (lt.exp() * (lt - ls)).sum().item(), nll
+
+
 @torch.no_grad()
 def evaluate(student, rows: torch.Tensor, batch_size: int, teacher=None,
              chunk_tokens: int = 2048, teacher_hidden: list[torch.Tensor] | None = None,
-             progress: str | None = None) -> dict:
+             progress: str | None = None, cached: dict | None = None) -> dict:
     """Held-out metrics on `rows`: student (and teacher) perplexity, KL(teacher || student).
 
     Perplexity is exp(mean next-token NLL); KL is the mean over predicted tokens, temperature 1,
-    in nats. Logits exist only `chunk_tokens` at a time, in float32. `teacher_hidden`, from
+    in nats. Logits exist only `chunk_tokens` at a time, in float32. The teacher is a model, or
+    `cached`: a teacher cache's targets for `rows` (distill.py's TEACHER_CACHE; its KL is over the
+    top k plus the rest, a lower bound of the full KL). `teacher_hidden`, from
     `final_hiddens(teacher, rows, batch_size)`, saves running the teacher again. `progress`:
     the label of a progress bar over the batches (None: no bar).
     """
     nll_s = nll_t = kl = 0.0
     count = 0
+    with_teacher = teacher is not None or cached is not None
     n_batches = math.ceil(len(rows) / batch_size)
     for b, ids in enumerate(tqdm(batches(rows, batch_size), total=n_batches, desc=progress,
                                  disable=progress is None or not is_first_process(), leave=False)):
         hs = final_hidden(student, ids)[:, :-1].flatten(0, 1)
-        ht = None
-        if teacher is not None:
+        ht = t_rows = None
+        if cached is not None:
+            t_rows = {k: v[b * batch_size:b * batch_size + len(ids)].flatten(0, 1)
+                      for k, v in cached.items()}
+        elif teacher is not None:
             ht = teacher_hidden[b] if teacher_hidden is not None else final_hidden(teacher, ids)
             ht = ht[:, :-1].flatten(0, 1)
         labels = ids[:, 1:].flatten()
-        for i in range(0, len(labels), chunk_tokens):
-            y = labels[i:i + chunk_tokens]
-            ls = student.lm_head(hs[i:i + chunk_tokens]).float().log_softmax(-1)
-            nll_s -= ls.gather(1, y.to(ls.device)[:, None]).sum().item()
-            if ht is not None:
-                lt = teacher.lm_head(ht[i:i + chunk_tokens]).float().log_softmax(-1).to(ls.device)
-                nll_t -= lt.gather(1, y.to(lt.device)[:, None]).sum().item()
-                kl += (lt.exp() * (lt - ls)).sum().item()
+        for i, ls in chunked_log_probs(student.lm_head, hs, chunk_tokens):
+            span = slice(i, i + chunk_tokens)
+            y = labels[span].to(ls.device)
+            nll_s -= ls.gather(1, y[:, None]).sum().item()
+            if with_teacher:
+                k, n = teacher_terms(teacher, ht, t_rows, span, y, ls)
+                kl, nll_t = kl + k, nll_t + n
         count += len(labels)
     out = {"student_ppl": math.exp(nll_s / count), "tokens": count}
-    if teacher is not None:
+    if with_teacher:
         out.update(teacher_ppl=math.exp(nll_t / count), kl=kl / count)
     return out
 

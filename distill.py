@@ -3,42 +3,26 @@
     uv run distill.py                                       # out/pruned -> out/distilled
     uv run distill.py DATASET=notes.txt SEQ_LEN=256 GLOBAL_BATCH=8 MAX_STEPS=100
     uv run accelerate launch --num_processes 8 distill.py    # 8 GPUs (DDP), same knobs
-    uv run accelerate launch --num_processes 8 distill.py FSDP=True   # both models sharded
-    uv run distill.py STUDENT="['out/pruned', 'out/pruned-2']"     # select, then the winner
-    uv run distill.py TEACHER=allenai/Olmo-3-32B-Instruct TEACHER_CACHE=out/cache   # top-k cache
-    uv run distill.py STUDENT=out/distilled ON_POLICY=1.0 DIVERGENCE=reverse_kl   # on-policy
 
-Trains STUDENT (prune.py's output; its `pare.json` names the teacher unless TEACHER is set) on
-DATASET packed to SEQ_LEN, with forward KL(teacher || student) on the logits at temperature 1
-and no cross-entropy (P1 Tables 15-16), computed a chunk of tokens at a time so full-vocabulary
-logits never exist for the whole batch; plus a cosine loss on mapped hidden states when the
-depth cut is large. AdamW, warmup then cosine decay, GLOBAL_BATCH rows per step over all
-processes and accumulation. Checkpoints (also on the first Ctrl-C or SIGTERM) resume with the
-same losses when the same command runs again. Writes OUTPUT, an HF directory whose `pare.json`
-extends the student's with a "distill" entry. Several STUDENTs: each is distilled briefly and
-the better ones longer (a funnel by held-out KL), and the best goes on as the run. With
-TEACHER_CACHE, the teacher's TOPK log-probabilities per token are computed once into it (first
-run) and training reads them instead of running the teacher (KL over the top k plus the rest).
-ON_POLICY: that share of the steps trains on the student's own continuations of DATASET's
-prompts, scored by the teacher (GKD), with DIVERGENCE forward KL, reverse KL or JSD.
+Forward KL(teacher || student) on the logits at temperature 1, no cross-entropy (P1 Tables
+15-16), a chunk of tokens at a time; plus a cosine loss on mapped hidden states after a large
+depth cut. The options live in flat modules imported only when their knob is on:
+teacher_cache.py (TEACHER_CACHE), on_policy.py (ON_POLICY), selection.py (several STUDENTs),
+sharding.py (FSDP); checkpoints.py holds the checkpoint format. README.md is the manual.
 """
 
 import contextlib
-import hashlib
-import json
+import dataclasses
 import math
-import pickle
-import resource
-import shutil
-import signal
 import time
-import types
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+import checkpoints
 import common
+import costs
 
 # ---- knobs: per run, `NAME=value` on the command line --------------------------------------
 STUDENT: str | list = "out/pruned"     # directory prune.py wrote; a list of them: pick the best
@@ -104,22 +88,43 @@ _SELECT_FLAT = False                   # every candidate runs every round (the f
 # Settings that may change between a run and its resumption (they do not change the losses).
 RESUMABLE = {"OUTPUT", "SELECT_TOKENS", "DEVICE", "FSDP", "_EVAL_EVERY", "_LOG_EVERY", "_CHECKPOINT_EVERY",
              "_KEEP_CHECKPOINTS", "_STOP_AT_STEP", "_PEAK_TFLOPS"}  # FSDP: checked as the format
-PROGRESS_KEYS = ("format", "step", "tokens", "world", "fsdp", "data", "ref_loss", "start",
-                 "settings", "student", "teacher", "scheduler")
 
 
 # ---- the loss -------------------------------------------------------------------------------
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")  # DIVERGENCE's values
 
+
+def student_side_divergence(ls, lt, divergence: str, beta: float):
+    """Summed divergence of N tokens between the student's and the teacher's log-probabilities
+    `ls`, `lt` [N, vocab] (at the loss's temperature), and its gradient w.r.t. the student's
+    (tempered) logits. "reverse_kl": KL(student || teacher), the on-policy recipe's choice
+    (mode-seeking). "jsd": GKD's generalized Jensen-Shannon divergence (arXiv 2306.13649, eq. 3)
+    beta KL(t || m) + (1 - beta) KL(s || m), m = beta t + (1 - beta) s. Both have the form
+    c KL(s || r) + const. in the student's logits z, with r = t (c = 1) or m (c = 1 - beta; m's
+    own dependence on z cancels), so d/dz = c p_s (log p_s - log r - KL(s || r)).
+    """
+    ps = ls.exp()
+    if divergence == "reverse_kl":
+        ref, c = lt, 1.0
+    else:
+        ref, c = torch.logaddexp(lt + math.log(beta), ls + math.log(1 - beta)), 1 - beta
+    diff = ls - ref
+    to_ref = (ps * diff).sum(-1, keepdim=True)          # KL(s || r) per token
+    value = to_ref.sum(dtype=torch.float64)
+    if divergence == "jsd":
+        value = (1 - beta) * value + beta * (lt.exp() * (lt - ref)).sum(dtype=torch.float64)
+    return value, diff.sub_(to_ref).mul_(ps).mul_(c)
+
+
 class ChunkedDistillLoss(torch.autograd.Function):
     """Logit loss of N tokens with full-vocabulary logits for only `chunk` tokens at a time.
 
     loss = (kl_w * T^2 * sum KL(q_t || softmax(z_s/T)) + ce_w * sum CE(z_s, y)) / N (or another
-    `divergence` than this forward KL: `student_side_divergence`) with
+    `divergence` than this forward KL: `student_side_divergence`, with `beta` for JSD) with
     z_s = h_s @ W_s^T. The teacher `q_t` is ("logits", h_t, W_t): softmax(h_t @ W_t^T / T), or
     ("topk", ids, logp, rest) from a teacher cache: its top-k log-probabilities plus one bucket
-    for the rest (see `topk_kl`); None when only CE is trained. The gradient w.r.t. the
+    for the rest (see `common.topk_kl`); None when only CE is trained. The gradient w.r.t. the
     student's logits is known in closed form, (kl_w * T * (p_s - target) + ce_w * (softmax(z_s)
     - onehot(y))) / N, so each chunk's gradients w.r.t. h_s and W_s are computed in forward and
     the chunk's logits freed; backward only scales them. Also returns (non-differentiable)
@@ -127,7 +132,7 @@ class ChunkedDistillLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h_s, w_s, teacher, labels, temperature, kl_w, ce_w, chunk, divergence):
+    def forward(ctx, h_s, w_s, teacher, labels, temperature, kl_w, ce_w, chunk, divergence, beta):
         n = h_s.shape[0]
         wide = torch.promote_types(h_s.dtype, torch.float32)  # logits: float32 (float64 in tests)
         w_sc = w_s.to(h_s.dtype)
@@ -149,7 +154,7 @@ class ChunkedDistillLoss(torch.autograd.Function):
                 ls = ls1 if temperature == 1 else (z_s / temperature).log_softmax(-1)
                 pt = None  # the target distribution of a forward KL
                 if teacher[0] == "topk":
-                    kl, pt = topk_kl(ls, *(t[i:i + chunk] for t in teacher[1:]), target=True)
+                    kl, pt = common.topk_kl(ls, *(t[i:i + chunk] for t in teacher[1:]), target=True)
                 else:
                     z_t = (teacher[1][i:i + chunk] @ teacher[2].T).to(wide)
                     lt = (z_t if temperature == 1 else z_t / temperature).log_softmax(-1)
@@ -158,7 +163,7 @@ class ChunkedDistillLoss(torch.autograd.Function):
                         pt = lt.exp()
                         kl = torch.dot(pt.flatten(), lt.sub_(ls).flatten()).double()  # lt spent
                     else:
-                        kl, grad = student_side_divergence(ls, lt, divergence)
+                        kl, grad = student_side_divergence(ls, lt, divergence, beta)
                     del lt
                 kl_sum += kl
                 if pt is not None:
@@ -184,65 +189,17 @@ class ChunkedDistillLoss(torch.autograd.Function):
     def backward(ctx, grad_loss, grad_stats):
         grad_h, grad_w = ctx.saved_tensors
         return (grad_h * grad_loss.to(grad_h.dtype), (grad_w * grad_loss).to(ctx.w_dtype),
-                None, None, None, None, None, None, None)
-
-
-def student_side_divergence(ls, lt, divergence: str):
-    """Summed divergence of N tokens between the student's and the teacher's log-probabilities
-    `ls`, `lt` [N, vocab] (at the loss's temperature), and its gradient w.r.t. the student's
-    (tempered) logits. "reverse_kl": KL(student || teacher), the on-policy recipe's choice
-    (mode-seeking). "jsd": GKD's generalized Jensen-Shannon divergence (arXiv 2306.13649, eq. 3)
-    beta KL(t || m) + (1 - beta) KL(s || m), m = beta t + (1 - beta) s, beta = _JSD_BETA. Both
-    have the form c KL(s || r) + const. in the student's logits z, with r = t (c = 1) or m (c =
-    1 - beta; m's own dependence on z cancels), so d/dz = c p_s (log p_s - log r - KL(s || r)).
-    """
-    ps = ls.exp()
-    if divergence == "reverse_kl":
-        ref, c = lt, 1.0
-    else:
-        ref, c = torch.logaddexp(lt + math.log(_JSD_BETA), ls + math.log(1 - _JSD_BETA)), 1 - _JSD_BETA
-    diff = ls - ref
-    to_ref = (ps * diff).sum(-1, keepdim=True)          # KL(s || r) per token
-    value = to_ref.sum(dtype=torch.float64)
-    if divergence == "jsd":
-        value = (1 - _JSD_BETA) * value + _JSD_BETA * (lt.exp() * (lt - ref)).sum(dtype=torch.float64)
-    return value, diff.sub_(to_ref).mul_(ps).mul_(c)
-
-
-def topk_kl(ls, ids, logp, rest, target: bool = False):
-    """Summed KL(teacher || student) over the teacher's top-k support plus one "rest" bucket.
-
-    `ls`: the student's log-probabilities [n, vocab]; `ids`, `logp` [n, k]: the teacher's top-k
-    token ids and log-probabilities; `rest` [n]: the log of the teacher's remaining mass. The
-    student's distribution is bucketed the same way (its probabilities at `ids`, and the rest
-    of its mass in one bucket), so this is a true KL between two distributions on k + 1 outcomes:
-    it never exceeds the full-vocabulary KL and equals it when k = vocab (cached top-k KL without
-    the missing mass is biased; arXiv 2503.16870). With `target`, also the dense distribution
-    whose difference to p_s is the gradient w.r.t. the student's logits: the teacher's
-    probabilities on the support, and outside it the student's own, rescaled to the teacher's
-    rest mass (derivative of the rest bucket's term).
-    """
-    logp, rest = logp.to(ls.dtype), rest.to(ls.dtype)
-    ids = ids.long()
-    q = logp.exp()
-    kl = torch.dot(q.flatten(), (logp - ls.gather(1, ids)).flatten()).double()
-    ls_rest = ls.scatter(1, ids, -math.inf).logsumexp(-1)   # -inf when k = vocab
-    has_rest = rest > -math.inf
-    kl = kl + torch.where(has_rest, rest.exp() * (rest - ls_rest), 0.0).sum(dtype=torch.float64)
-    if not target:
-        return kl, None
-    shift = torch.where(has_rest, rest - ls_rest, -math.inf)   # log(q_rest / p_rest)
-    dense = (ls + shift[:, None]).exp_().scatter_(1, ids, q)   # in log space: no 0 x inf
-    return kl, dense
+                None, None, None, None, None, None, None, None)
 
 
 def logit_loss(h_s, w_s, teacher, labels, temperature=1.0, kl_w=1.0, ce_w=0.0, chunk=1024,
-               divergence="forward_kl"):
+               divergence="forward_kl", beta=0.5):
     """Chunked logit loss of flattened tokens: (scalar loss, [divergence sum, ce_sum]) over N
     tokens. `teacher`: ("logits", h_t, w_t), ("topk", ids, logp, rest) or None (see
-    ChunkedDistillLoss); `divergence`: DIVERGENCE (a teacher cache: forward_kl only)."""
+    ChunkedDistillLoss); `divergence`: DIVERGENCE (a teacher cache: forward_kl only), `beta`:
+    JSD's teacher weight."""
     return ChunkedDistillLoss.apply(h_s, w_s, teacher, labels, float(temperature), float(kl_w),
-                                    float(ce_w), int(chunk), divergence)
+                                    float(ce_w), int(chunk), divergence, float(beta))
 
 
 def direct_logit_loss(h_s, w_s, h_t, w_t, labels, temperature=1.0, kl_w=1.0, ce_w=0.0):
@@ -285,47 +242,18 @@ def cosine_loss(h_s: torch.Tensor, h_t: torch.Tensor) -> torch.Tensor:
     return (1 - torch.nn.functional.cosine_similarity(h_s.float(), h_t.float(), dim=-1)).mean()
 
 
-class Distiller(torch.nn.Module):
-    """The student and the shared hidden-state map as one module, so that DDP synchronises every
-    trainable weight; `forward` is one micro-batch's loss given the teacher's outputs."""
+# ---- the models -----------------------------------------------------------------------------
 
-    def __init__(self, student, proj, pairs, settings: dict):
-        super().__init__()
-        self.student, self.proj, self.pairs, self.settings = student, proj, pairs, settings
-
-    def forward(self, ids, target, t_states, mask=None):
-        """Loss of one micro-batch `ids` given the teacher's targets for its predicted tokens
-        (`logit_loss`'s `teacher`: from its final hidden states and lm_head, or from a cache;
-        None when only CE is trained) and its hidden states at the paired indices `t_states`.
-        `mask` [rows, SEQ_LEN - 1]: the predictions that carry loss (an on-policy row's sampled
-        tokens; None: all)."""
-        s = self.settings
-        with hidden_states(self.student, [i for i, _ in self.pairs]) as s_states:
-            out = self.student.model(input_ids=ids, use_cache=False)
-        h_s = out.last_hidden_state[:, :-1].flatten(0, 1)
-        labels = ids[:, 1:].flatten()
-        keep = mask.flatten() if mask is not None else slice(None)
-        if mask is not None and target is not None:
-            target = (target[0], target[1][keep], *target[2:])
-        loss, stats = logit_loss(h_s[keep], self.student.lm_head.weight, target, labels[keep],
-                                 s["temperature"], s["kl_w"], s["ce_w"], s["chunk"],
-                                 s["divergence"])
-        hid = torch.zeros((), device=loss.device)
-        if self.pairs:
-            def at(h):  # the positions that predict a token carrying loss
-                return h if mask is None else h[:, :-1][mask]
-            hid = sum(cosine_loss(self.proj(at(s_states[i])), at(t_states[j]))
-                      for i, j in self.pairs) / len(self.pairs)
-            # Minitron: the intermediate loss is rescaled to the logit loss's magnitude
-            loss = loss + hid * (loss.detach() / hid.detach().clamp(min=1e-8))
-        return loss, stats, hid.detach(), len(labels[keep])
-
-    def held_out(self, rows, batch_size, teacher, chunk, cache=None):
-        """common.evaluate on the student, or cached_evaluate with a teacher `cache` (a method,
-        so that FSDP can gather it for the call)."""
-        if cache is not None:
-            return cached_evaluate(self.student, rows, batch_size, cache.held_out(rows), chunk)
-        return common.evaluate(self.student, rows, batch_size, teacher, chunk)
+@dataclasses.dataclass(frozen=True)
+class LossSettings:
+    """The logit loss's recipe (distill.py's _TEMPERATURE, _KL_WEIGHT, _CE_WEIGHT, _CHUNK_TOKENS,
+    _JSD_BETA) and DIVERGENCE."""
+    temperature: float
+    kl_weight: float
+    ce_weight: float
+    chunk: int
+    divergence: str = "forward_kl"
+    jsd_beta: float = 0.5
 
 
 @contextlib.contextmanager
@@ -350,6 +278,48 @@ def hidden_states(model, indices):
             h.remove()
 
 
+class Distiller(torch.nn.Module):
+    """The student and the shared hidden-state map as one module, so that DDP synchronises every
+    trainable weight; `forward` is one micro-batch's loss given the teacher's outputs."""
+
+    def __init__(self, student, proj, pairs, loss: LossSettings):
+        super().__init__()
+        self.student, self.proj, self.pairs, self.loss = student, proj, pairs, loss
+
+    def forward(self, ids, target, t_states, mask=None):
+        """Loss of one micro-batch `ids` given the teacher's targets for its predicted tokens
+        (`logit_loss`'s `teacher`: from its final hidden states and lm_head, or from a cache;
+        None when only CE is trained) and its hidden states at the paired indices `t_states`.
+        `mask` [rows, SEQ_LEN - 1]: the predictions that carry loss (an on-policy row's sampled
+        tokens; None: all)."""
+        s = self.loss
+        with hidden_states(self.student, [i for i, _ in self.pairs]) as s_states:
+            out = self.student.model(input_ids=ids, use_cache=False)
+        h_s = out.last_hidden_state[:, :-1].flatten(0, 1)
+        labels = ids[:, 1:].flatten()
+        keep = mask.flatten() if mask is not None else slice(None)
+        if mask is not None and target is not None:
+            target = (target[0], target[1][keep], *target[2:])
+        loss, stats = logit_loss(h_s[keep], self.student.lm_head.weight, target, labels[keep],
+                                 s.temperature, s.kl_weight, s.ce_weight, s.chunk, s.divergence,
+                                 s.jsd_beta)
+        hid = torch.zeros((), device=loss.device)
+        if self.pairs:
+            def at(h):  # the positions that predict a token carrying loss
+                return h if mask is None else h[:, :-1][mask]
+            hid = sum(cosine_loss(self.proj(at(s_states[i])), at(t_states[j]))
+                      for i, j in self.pairs) / len(self.pairs)
+            # Minitron: the intermediate loss is rescaled to the logit loss's magnitude
+            loss = loss + hid * (loss.detach() / hid.detach().clamp(min=1e-8))
+        return loss, stats, hid.detach(), len(labels[keep])
+
+    def held_out(self, rows, batch_size, teacher, cached=None):
+        """common.evaluate of the student against the live teacher or a cache's targets (a
+        method, so that FSDP can gather it for the call)."""
+        return common.evaluate(self.student, rows, batch_size, teacher, self.loss.chunk,
+                               cached=cached)
+
+
 def make_proj(h_s: int, h_t: int, kept_hidden: list[int] | None) -> torch.nn.Module:
     """Identity when widths match; else a trainable Linear(h_s -> h_t), initialised to put each
     kept channel back where it came from when prune.py recorded the kept hidden channels."""
@@ -363,58 +333,24 @@ def make_proj(h_s: int, h_t: int, kept_hidden: list[int] | None) -> torch.nn.Mod
     return proj
 
 
-def forward_flops_per_token(config, seq_len: int, lm_head: bool = True) -> int:
-    """Matmul FLOPs of one token's forward pass at context `seq_len`: 2 per weight of the decoder
-    and (when `lm_head`) the output layer; the embedding lookup is free; plus 4 x layers x heads
-    x head_dim x seq_len for attention scores and values over the full square (the PaLM MFU
-    convention, Chowdhery et al. 2022, appendix B). Training costs 3x this (backward: 2x)."""
-    shape = common.shape_of(config)
-    n = common.param_count(shape, config)["non_embedding"]
-    n += config.vocab_size * shape["hidden_size"] if lm_head else 0
-    attn = 4 * shape["num_hidden_layers"] * shape["num_attention_heads"] * shape["head_dim"] * seq_len
-    return 2 * n + attn
+@dataclasses.dataclass
+class Models:
+    """A student and its teacher, resolved and checked to belong together before any weights
+    load (`resolve_models`)."""
+    student: str          # STUDENT: the directory
+    student_id: str       # its fingerprint (content)
+    record: dict          # its pare.json ({} when Pare did not write it)
+    s_conf: object
+    tokenizer: object     # the student's (the teacher's is the same)
+    teacher: str          # hub id or directory
+    teacher_id: str
+    t_conf: object | None  # None: a teacher cache stands in and the teacher's files are not read
+    t_layers: int
 
+    def ids(self) -> dict:
+        """The fingerprints a checkpoint is checked against."""
+        return {"student": self.student_id, "teacher": self.teacher_id}
 
-def peak_tflops(device: str, override: float | None) -> float | None:
-    """`override` (_PEAK_TFLOPS), else the datasheet peak of a known GPU, else None (no MFU)."""
-    if override:
-        return float(override)
-    # dense bf16 tensor-core peaks (NVIDIA datasheets: A100 312 TFLOP/s, H100/H200 SXM 989);
-    # the PCIe and NVL boards of H100/H200 are slower and left to _PEAK_TFLOPS
-    known = {"A100": 312.0, "H100": 989.0, "H200": 989.0}
-    if device.startswith("cuda"):
-        name = torch.cuda.get_device_name()
-        if "A100" not in name and ("PCIe" in name or "NVL" in name):
-            return None
-        return next((v for k, v in known.items() if k in name), None)
-    return None
-
-
-def state_gib(s_conf, t_conf, teacher_dtype: torch.dtype, shards: int) -> dict:
-    """Weights, gradients and optimizer state one process holds, in GiB (activations not
-    included): the student trains in float32 with AdamW, 16 bytes per parameter (weight,
-    gradient, two moments); the teacher only has weights. Under FSDP (`shards` processes) each
-    holds 1/shards of both, plus the teacher's lm_head whole. `t_conf` None: no teacher (a
-    teacher cache stands in for it)."""
-    def params(c):
-        return common.param_count(common.shape_of(c), c)["total"]
-    student = 16 * params(s_conf) / shards
-    if t_conf is None:
-        return {"student": student / 2**30, "teacher": 0.0}
-    t_bytes = torch.finfo(teacher_dtype).bits // 8
-    head = t_conf.vocab_size * t_conf.hidden_size * t_bytes
-    teacher = t_bytes * params(t_conf) / shards + (head * (1 - 1 / shards))
-    return {"student": student / 2**30, "teacher": teacher / 2**30}
-
-
-def peak_memory_gib(device: str) -> tuple[float, str]:
-    """Peak memory of this process: CUDA memory allocated by tensors, else the peak RSS."""
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**30, "cuda allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "process RSS"
-
-
-# ---- inputs ---------------------------------------------------------------------------------
 
 def tokenizer_mismatch(a, b) -> str | None:
     """Why two tokenizers would give different token ids, or None when they agree."""
@@ -432,74 +368,10 @@ def tokenizer_mismatch(a, b) -> str | None:
     return None
 
 
-def check_knobs(cfg):
-    """Cheap checks on the knobs and recipe constants alone."""
-    common.at_least(cfg, 1, "BATCH_SIZE", "GLOBAL_BATCH")
-    common.at_least(cfg, 0, "EVAL_SAMPLES")
-    common.at_least(cfg, 2, "SEQ_LEN")  # one next-token prediction per row at least
-    if cfg.LR < 0 or _MIN_LR > cfg.LR:
-        raise common.UserError(f"LR={cfg.LR} must be positive and at least _MIN_LR={_MIN_LR}")
-    if cfg.MAX_STEPS is not None and cfg.MAX_STEPS < 1:
-        raise common.UserError(f"MAX_STEPS must be a positive integer or None, got {cfg.MAX_STEPS}")
-    if _KL_WEIGHT == 0 and _CE_WEIGHT == 0:
-        raise common.UserError("_KL_WEIGHT and _CE_WEIGHT are both 0 in distill.py: nothing to train")
-    if _TEMPERATURE <= 0 or _CHUNK_TOKENS < 1 or _KEEP_CHECKPOINTS < 1:
-        raise common.UserError("distill.py's _TEMPERATURE, _CHUNK_TOKENS and _KEEP_CHECKPOINTS "
-                               "must be positive")
-    if _STOP_AT_STEP is not None and _STOP_AT_STEP < 1:
-        raise common.UserError(f"_STOP_AT_STEP={_STOP_AT_STEP} must be a positive step or None")
-    if not 0 <= cfg.ON_POLICY <= 1:
-        raise common.UserError(f"ON_POLICY={cfg.ON_POLICY} is the share of on-policy steps: "
-                               f"between 0 and 1")
-    if cfg.DIVERGENCE not in DIVERGENCES:
-        raise common.UserError(f"DIVERGENCE={cfg.DIVERGENCE!r} must be one of {list(DIVERGENCES)}")
-    if not 0 < _JSD_BETA < 1:
-        raise common.UserError(f"distill.py's _JSD_BETA={_JSD_BETA} must lie in (0, 1)")
-    if cfg.ON_POLICY > 0 and cfg.FSDP:
-        raise common.UserError("ON_POLICY > 0 samples with the whole student on every process: "
-                               "run it with FSDP=False (DDP); FSDP-sharded generation is not supported")
-    if cfg.ON_POLICY > 0 and cfg.TEACHER_CACHE:
-        raise common.UserError("ON_POLICY > 0 needs the live teacher to score the student's "
-                               "samples, which no cache holds: set TEACHER_CACHE=None")
-    if cfg.ON_POLICY > 0 and _KL_WEIGHT == 0:
-        raise common.UserError("ON_POLICY > 0 with _KL_WEIGHT=0 in distill.py: the student's own "
-                               "samples carry no loss without the teacher's")
-    if cfg.ON_POLICY > 0 and (_GEN_TEMPERATURE <= 0 or not 0 < _PROMPT_SHARE < 1):
-        raise common.UserError(f"distill.py's _GEN_TEMPERATURE={_GEN_TEMPERATURE} must be positive "
-                               f"and _PROMPT_SHARE={_PROMPT_SHARE} lie in (0, 1)")
-    if cfg.TEACHER_CACHE is not None:
-        common.at_least(cfg, 1, "TOPK")
-        if cfg.DIVERGENCE != "forward_kl":
-            raise common.UserError(f"a TEACHER_CACHE gives the forward KL only (its top k are the "
-                                   f"teacher's, not the student's): DIVERGENCE={cfg.DIVERGENCE!r} "
-                                   f"needs the live teacher (TEACHER_CACHE=None)")
-        if _TEMPERATURE != 1:
-            raise common.UserError(f"a TEACHER_CACHE holds temperature-1 log-probabilities; "
-                                   f"_TEMPERATURE={_TEMPERATURE} in distill.py needs the live "
-                                   f"teacher (TEACHER_CACHE=None)")
-        if _CACHE_DTYPE not in CACHE_DTYPES or _CACHE_SHARD_ROWS < 1:
-            raise common.UserError(f"distill.py's _CACHE_DTYPE={_CACHE_DTYPE!r} must be one of "
-                                   f"{list(CACHE_DTYPES)} and _CACHE_SHARD_ROWS positive")
-
-
-def resolve_models(cfg) -> dict:
-    """Student record, teacher, configs, tokenizer and fingerprints, checked to belong together.
-    With a TEACHER_CACHE that exists, its manifest names the teacher, whose files are not read
-    (a cache that holds the rows needed works without them); "t_conf" is then None."""
-    if not Path(cfg.STUDENT).is_dir():
-        raise common.UserError(f"STUDENT={cfg.STUDENT!r} is not a directory; run prune.py first "
-                               f"or set STUDENT to the pruned model's directory")
-    s_conf = common.load_config(cfg.STUDENT, "STUDENT")
-    common.family_of(s_conf, "STUDENT")
-    # a student from elsewhere may have no record (then TEACHER names the teacher); prune.py's
-    # record must hold what distill reads: the teacher, and the kept layers and channels
-    record = common.read_record(cfg.STUDENT, ("stage", "source_model", "source_shape", "kept")) or {}
-    tokenizer = common.load_tokenizer(cfg.STUDENT, "STUDENT")
-    ids = {"student_id": common.fingerprint(cfg.STUDENT, "STUDENT")}
-    manifest = read_manifest(Path(cfg.TEACHER_CACHE).expanduser()) if cfg.TEACHER_CACHE else None
-    if manifest is not None:
-        return {**teacher_of_cache(cfg, manifest, s_conf, tokenizer), **ids, "record": record,
-                "s_conf": s_conf, "tokenizer": tokenizer}
+def live_teacher(cfg, record: dict, s_conf, tokenizer) -> tuple:
+    """(teacher name, fingerprint, config) of TEACHER, else of the source in STUDENT's record,
+    checked to share the student's tokenizer; the recorded source must still be the model it
+    was pruned from (by content)."""
     teacher, constant = cfg.TEACHER, "TEACHER"
     if teacher is None:
         if "source_model" not in record:
@@ -521,1133 +393,58 @@ def resolve_models(cfg) -> dict:
     if cfg.TEACHER_CACHE and cfg.TOPK > t_conf.vocab_size:
         raise common.UserError(f"TOPK={cfg.TOPK} exceeds the vocabulary ({t_conf.vocab_size} "
                                f"tokens); at most that (which caches every logit)")
-    return {**ids, "record": record, "teacher": teacher, "s_conf": s_conf, "t_conf": t_conf,
-            "t_layers": t_conf.num_hidden_layers, "tokenizer": tokenizer,
-            "teacher_id": common.fingerprint(teacher, constant)}
-
-
-def teacher_of_cache(cfg, manifest: dict, s_conf, tokenizer) -> dict:
-    """The teacher of an existing cache, checked against TEACHER and the student's tokenizer."""
-    check_manifest(manifest, cfg)
-    name, where = manifest["teacher"], f"TEACHER_CACHE={cfg.TEACHER_CACHE!r}"
-    if cfg.TEACHER is not None and cfg.TEACHER != name and (
-            common.model_files(cfg.TEACHER) is None
-            or common.fingerprint(cfg.TEACHER, "TEACHER") != manifest["teacher_fingerprint"]):
-        raise common.UserError(f"{where} holds the log-probabilities of {name!r}, not of "
-                               f"TEACHER={cfg.TEACHER!r}; leave TEACHER unset, or give a new "
-                               f"TEACHER_CACHE for another teacher")
-    if tokenizer_hash(tokenizer) != manifest["tokenizer"] or s_conf.vocab_size != manifest["vocab_size"]:
-        raise common.UserError(f"STUDENT={cfg.STUDENT!r} does not share the tokenizer of the "
-                               f"teacher {name!r} in {where}; the KL needs the same token ids")
-    return {"teacher": name, "teacher_id": manifest["teacher_fingerprint"], "t_conf": None,
-            "t_layers": manifest["teacher_layers"]}
-
-
-def start_position() -> dict:
-    """Where `row_stream` begins: epoch 0, no rows, documents or carried tokens yet."""
-    return {"epoch": 0, "row": 0, "documents": 0, "carry": []}
-
-
-def row_stream(dataset: str, tokenizer, seq_len: int, seed: int, held_out: int, position: dict):
-    """Training rows forever: DATASET's packed rows after the first `held_out`, in the same order
-    again when the data runs out. Begins at `position` and keeps it up to date in place (epoch,
-    rows of this epoch, and packed_rows' documents read and carried tokens), so a copy saved
-    after any row resumes right after it without re-reading the data before it."""
-    while True:
-        for row in common.packed_rows(dataset, tokenizer, seq_len, seed, position):
-            position["row"] += 1
-            if position["row"] > held_out:
-                yield row
-        if position["row"] <= held_out:
-            raise common.UserError(f"DATASET={dataset!r} has no rows of SEQ_LEN={seq_len} tokens "
-                                   f"left after the {held_out} held-out rows; use more data, "
-                                   f"a smaller SEQ_LEN or fewer EVAL_SAMPLES")
-        common.print0(f"data: DATASET has {position['row'] - held_out} training rows of "
-                      f"{seq_len} tokens; repeating it (epoch {position['epoch'] + 2})")
-        position.update(start_position(), epoch=position["epoch"] + 1)
-
-
-def local_batch(stream, global_batch: int, rank: int, world: int, stack: bool = True):
-    """This process's share of the next global batch (every process reads it all): rows as one
-    tensor, or (`stack` False) a list, e.g. of prompts of different lengths."""
-    items = [next(stream) for _ in range(global_batch)]
-    share = global_batch // world
-    mine = items[rank * share:(rank + 1) * share]
-    return torch.stack(mine) if stack else mine
-
-
-def schedule(cfg, world: int) -> dict:
-    """Derived sizes: micro-batches per step, tokens per step, steps, warmup, where to stop."""
-    if cfg.GLOBAL_BATCH % (cfg.BATCH_SIZE * world):
-        raise common.UserError(f"GLOBAL_BATCH={cfg.GLOBAL_BATCH} is not a multiple of BATCH_SIZE="
-                               f"{cfg.BATCH_SIZE} x {world} processes")
-    tokens = cfg.GLOBAL_BATCH * cfg.SEQ_LEN
-    steps = cfg.MAX_STEPS or max(1, _TOTAL_TOKENS // tokens)
-    return {"accum": cfg.GLOBAL_BATCH // (cfg.BATCH_SIZE * world), "tokens_per_step": tokens,
-            "max_steps": steps, "stop": min(steps, _STOP_AT_STEP or steps),
-            "warmup": min(_WARMUP_STEPS, steps // 10)}  # warmup past a tenth of a run wastes it
-
-
-# ---- checkpoints: plain tensors (torch.load weights_only=True) and JSON, no pickled code ----
-
-def checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoint directories under `root`, oldest first."""
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.glob("step-*") if (p / "progress.json").is_file())
-
-
-def is_checkpoint_root(path: Path) -> bool:
-    return common.is_record_of(path, "distill-checkpoints")
-
-
-def read_progress(path: Path) -> dict:
-    """progress.json of checkpoint `path` (the one reader of write_progress's file)."""
-    try:
-        progress = json.loads((path / "progress.json").read_text())
-    except ValueError as e:
-        raise common.UserError(f"{path / 'progress.json'} is not JSON ({e}); delete {path}") from None
-    if progress.get("format") != 2:  # 2: tensors and JSON only (1 was accelerate's pickles)
-        raise common.UserError(f"{path} was written by an older version of distill.py; delete "
-                               f"{path.parent} to start again")
-    missing = [k for k in PROGRESS_KEYS if k not in progress]
-    if missing:
-        raise common.UserError(f"{path / 'progress.json'} lacks {missing}; delete {path.parent}")
-    return progress
-
-
-def write_progress(path: Path, **fields):
-    """progress.json: where training stands and what it belongs to (see PROGRESS_KEYS)."""
-    assert set(fields) == set(PROGRESS_KEYS) - {"format"} | {"prompts"}, sorted(fields)  # prompts:
-    # where on-policy prompts stand (optional: checkpoints before on-policy steps lack it)
-    (path / "progress.json").write_text(json.dumps({"format": 2, **fields}, indent=2, default=str))
-
-
-def check_resumable(progress: dict, path: Path, settings: dict, ids: dict, shard: bool,
-                    world: int):
-    """Refuse to resume from checkpoint `path` when the losses would not continue: other
-    settings, another student or teacher (by content), the other checkpoint format."""
-    saved = progress["settings"]
-    changed = {k: (saved.get(k), v) for k, v in settings.items()
-               if k not in RESUMABLE and saved.get(k) != v}
-    if changed:
-        raise common.UserError(f"{path} was written with other settings {changed} "
-                               f"(saved, now); restore them or delete {path.parent}")
-    for who in ("student", "teacher"):
-        if not common.same_model(progress[who], ids[f"{who}_name"], ids[who], who.upper()):
-            raise common.UserError(f"{path} belongs to another {who} (fingerprint "
-                                   f"{progress[who]}, now {ids[who]}: the {who} was replaced "
-                                   f"since); delete {path.parent} to start again")
-    if bool(progress["fsdp"]) != shard:
-        raise common.UserError(f"{path} was written with FSDP={progress['fsdp']} (sharded "
-                               f"checkpoint or not); resume with the same FSDP, or delete "
-                               f"{path.parent}")
-    if progress["world"] != world:
-        common.print0(f"warning: checkpoint written by {progress['world']} processes, resuming on "
-                      f"{world}: same data order, losses equal only within float tolerance")
-
-
-def latest_progress(cfg, m: dict, root: Path, shard: bool, world: int) -> tuple:
-    """(checkpoints under `root`, the latest one's progress or None), checked to resume."""
-    saved = checkpoints(root)
-    progress = read_progress(saved[-1]) if saved else None
-    if progress:
-        check_resumable(progress, saved[-1], {**vars(cfg), **common.recipe(globals())},
-                        model_ids(cfg, m), shard, world)
-    return saved, progress
-
-
-def model_ids(cfg, m: dict) -> dict:
-    """The fingerprints a checkpoint is checked against, and the models they are of."""
-    return {"student": m["student_id"], "teacher": m["teacher_id"], "student_name": cfg.STUDENT,
-            "teacher_name": m["teacher"]}
-
-
-def rng_state() -> dict:
-    state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict):
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def save_state(path: Path, model, optimizer, rank: int):
-    """Weights and optimizer state of an unsharded run (the first process) and every process's
-    RNG, as plain tensor files."""
-    if rank == 0:
-        torch.save(model.state_dict(), path / "model.pt")
-        torch.save(optimizer.state_dict(), path / "optimizer.pt")
-    torch.save(rng_state(), path / f"rng-{rank}.pt")
-
-
-def load_tensors(path: Path, device: str = "cpu"):
-    """A checkpoint file of tensors and plain containers (torch's weights_only loader, which
-    refuses anything that would run code), or a UserError naming the file."""
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError) as e:
-        raise common.UserError(f"{path} is not a checkpoint file of tensors "
-                               f"({' '.join(str(e).split())[:150]}); delete {path.parent.parent} "
-                               f"to start again") from None
-
-
-def load_rng(path: Path, rank: int):
-    rng = path / f"rng-{rank}.pt"  # another number of processes: the first one's
-    set_rng_state(load_tensors(rng if rng.exists() else path / "rng-0.pt"))
-
-
-def load_state(path: Path, model, optimizer, rank: int, device: str):
-    """Inverse of save_state; nothing is unpickled beyond tensors and plain containers."""
-    model.load_state_dict(load_tensors(path / "model.pt", device))
-    optimizer.load_state_dict(load_tensors(path / "optimizer.pt", device))
-    load_rng(path, rank)
-
-
-class SafeUnpickler(pickle.Unpickler):
-    """Unpickles torch.distributed.checkpoint's `.metadata` (which DCP reads with plain pickle)
-    allowing only its own metadata classes, torch sizes and dtypes: nothing that runs code."""
-    ALLOWED = {("torch.distributed.checkpoint.metadata", n) for n in (
-        "Metadata", "TensorStorageMetadata", "TensorProperties", "ChunkStorageMetadata",
-        "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")} | {
-        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
-        ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "Path")}
-
-    def find_class(self, module, name):
-        if (module, name) in self.ALLOWED or (
-                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in checkpoint metadata")
-
-
-def safe_reader(path: Path):
-    """A DCP FileSystemReader whose metadata goes through SafeUnpickler."""
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import StorageMeta
-
-    class Reader(FileSystemReader):
-        def read_metadata(self, *args, **kwargs):
-            try:
-                with open(path / ".metadata", "rb") as f:
-                    metadata = SafeUnpickler(f).load()
-            except (pickle.UnpicklingError, OSError, EOFError) as e:
-                raise common.UserError(f"{path}/.metadata is not a Pare checkpoint's ({e}); "
-                                       f"delete {path.parent}") from None
-            if getattr(metadata, "storage_meta", None) is None:
-                metadata.storage_meta = StorageMeta()
-            metadata.storage_meta.load_id = self.load_id
-            return metadata
-
-    return Reader(str(path))
-
-
-def save_sharded(path: Path, model, optimizer, rank: int):
-    """Model and optimizer tensors as a torch.distributed.checkpoint (each process writes its
-    shards; another number of processes can load it), the optimizer's hyperparameters as JSON
-    and every process's RNG. Only tensors go to DCP: it would pickle anything else."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-    msd, osd = get_state_dict(model, optimizer)
-    dcp.save({"model": msd, "optim": osd["state"]}, checkpoint_id=str(path))
-    if rank == 0:
-        (path / "param_groups.json").write_text(json.dumps(osd["param_groups"]))
-    torch.save(rng_state(), path / f"rng-{rank}.pt")
-
-
-def load_sharded(path: Path, model, optimizer, rank: int):
-    """Inverse of save_sharded."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-    msd, osd = get_state_dict(model, optimizer)  # initialises the optimizer state to load into
-    state = {"model": msd, "optim": osd["state"]}
-    dcp.load(state, storage_reader=safe_reader(path))
-    groups = json.loads((path / "param_groups.json").read_text())
-    set_state_dict(model, optimizer, model_state_dict=state["model"],
-                   optim_state_dict={"state": state["optim"], "param_groups": groups})
-    load_rng(path, rank)
-
-
-def save_checkpoint(root: Path, step: int, model, optimizer, acc, shard: bool, progress: dict
-                    ) -> Path:
-    """Checkpoint `step` under `root`, written to a temporary directory and renamed when
-    complete (a killed run leaves only a temporary that the next run removes); the oldest beyond
-    _KEEP_CHECKPOINTS are deleted. Every process must call it."""
-    tmp, final = root / f".step-{step:07d}.tmp", root / f"step-{step:07d}"
-    rank = acc.process_index
-    if rank == 0:
-        mark_checkpoint_root(root, progress["settings"]["OUTPUT"])
-        common.remove(tmp)
-        tmp.mkdir(parents=True)
-    acc.wait_for_everyone()
-    try:
-        with common.writing(tmp):
-            if shard:
-                save_sharded(tmp, model, optimizer, rank)
-            else:
-                save_state(tmp, acc.unwrap_model(model), optimizer, rank)
-            acc.wait_for_everyone()
-            if rank == 0:
-                write_progress(tmp, **progress)
-                common.remove(final)
-                tmp.rename(final)
-                for old in checkpoints(root)[:-_KEEP_CHECKPOINTS]:
-                    common.remove(old)
-    finally:
-        if rank == 0:
-            common.remove(tmp)  # a failed write leaves no half checkpoint (gone once renamed)
-    acc.wait_for_everyone()
-    return final
-
-
-def mark_checkpoint_root(root: Path, output: str):
-    """Create `root` with a record saying it is distill.py's checkpoint directory (so that a
-    later run may write into it) and drop the temporaries of killed runs."""
-    if not is_checkpoint_root(root):
-        with common.writing(root):
-            root.mkdir(parents=True, exist_ok=True)
-            (root / common.RECORD).write_text(json.dumps(
-                {"stage": "distill-checkpoints", "output": output, "created": common.now()}) + "\n")
-    for tmp in root.glob(".step-*.tmp"):
-        common.remove(tmp)
-
-
-# ---- sharding (FSDP2) -----------------------------------------------------------------------
-def empty_model(config, dtype: torch.dtype):
-    """The architecture of `config` without weights (meta device), for a process that will
-    receive its shards from the first process instead of reading the checkpoint itself."""
-    from transformers import AutoModelForCausalLM
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return model.eval()
-
-
-def shard_models(model: Distiller, teacher, device: str, world: int, bf16: bool) -> None:
-    """Shard the Distiller (student + map) and the teacher's decoder over all processes in place.
-
-    Each decoder layer is one FSDP2 group, gathered just before it runs and freed after; the rest
-    (embeddings, final norm, lm_head, map) is the root group, gathered for the whole forward. The
-    teacher's lm_head stays whole on every process. Parameters on the CPU move to `device` as
-    they are sharded, one layer at a time; parameters on the meta device stay there.
-    """
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import (MixedPrecisionPolicy, fully_shard,
-                                        register_fsdp_forward_method)
-    mesh = init_device_mesh(torch.device(device).type, (world,))  # DEVICE=cpu on a GPU machine too
-    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16
-          else MixedPrecisionPolicy())
-    for layer in model.student.model.layers:
-        fully_shard(layer, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
-    register_fsdp_forward_method(model, "held_out")  # gathers the root group like forward
-    if teacher is None:  # read from a cache
-        return
-    for layer in teacher.model.layers:
-        fully_shard(layer, mesh=mesh)
-    # the teacher never runs backward, which is where a root group is normally freed again
-    fully_shard(teacher.model, mesh=mesh, reshard_after_forward=True)
-
-
-def broadcast_weights(module, full_state: dict, device: str, rank: int) -> None:
-    """Fill a sharded `module` from the first process's `full_state` (its state dict taken before
-    sharding; {} on the other processes, whose weights are on the meta device): each process
-    keeps its shards. Buffers (e.g. rotary frequencies, not in the state dict) are copied too."""
-    import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    if rank > 0:
-        module.to_empty(device=device)
-    set_model_state_dict(module, full_state, options=StateDictOptions(
-        full_state_dict=True, broadcast_from_rank0=True))
-    for buf in module.buffers():
-        dist.broadcast(buf, src=0)
-
-
-def local_share(module) -> tuple[int, int]:
-    """(elements this process holds, elements in all) of a module's parameters."""
-    from torch.distributed.tensor import DTensor
-    mine = total = 0
-    for p in module.parameters():
-        total += p.numel()
-        mine += p.to_local().numel() if isinstance(p, DTensor) else p.numel()
-    return mine, total
-
-
-def full_student(model, student_dir: str):
-    """The sharded student gathered into an ordinary model on the first process (None on the
-    others); every process must call it."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
-                                                               cpu_offload=True))
-    if not sd:
-        return None
-    student = common.load_model(student_dir, "cpu", torch.float32, "STUDENT")
-    student.load_state_dict({k.removeprefix("student."): v for k, v in sd.items()
-                             if k.startswith("student.")})
-    return student
-
-
-# ---- on-policy steps: the student's own samples, scored by the teacher -----------------------
-
-def on_policy_step(step: int, share: float) -> bool:
-    """Whether optimizer step `step` (1-based) trains on the student's samples: a draw < `share`
-    from a generator seeded by (_SEED, step), so that a resumed run and every process agree."""
-    if share <= 0:
-        return False
-    return share >= 1 or torch.rand(1, generator=torch.Generator().manual_seed(
-        _SEED * 1_000_003 + step)).item() < share
-
-
-def prompt_start(held_documents: int) -> dict:
-    """Where prompt_stream begins: after the documents the held-out rows were packed from."""
-    return {"epoch": 0, "documents": held_documents, "after_held_out": held_documents}
-
-
-def prompt_ids(doc, tokenizer, seq_len: int, n: int) -> list[int] | None:
-    """The prompt of document number `n`: a `messages` conversation up to its last user turn,
-    rendered with the chat template and its generation prompt; else the first _PROMPT_SHARE x
-    `seq_len` tokens of its text (None: an empty text)."""
-    if isinstance(doc, dict) and "messages" in doc:
-        common.render(doc, tokenizer)  # the template and the record's shape, checked
-        turns = doc["messages"]
-        users = [i for i, t in enumerate(turns) if isinstance(t, dict) and t.get("role") == "user"]
-        if not users:
-            raise common.UserError(f"DATASET document {n} has no user turn: ON_POLICY prompts the "
-                                   f"student with a conversation up to its last user turn; drop "
-                                   f"such records, or set ON_POLICY=0")
-        text = tokenizer.apply_chat_template(turns[:users[-1] + 1], tokenize=False,
-                                             add_generation_prompt=True)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(ids) > seq_len - 2:
-            raise common.UserError(f"DATASET document {n}'s prompt is {len(ids)} tokens: SEQ_LEN="
-                                   f"{seq_len} leaves no room to sample an answer; raise SEQ_LEN "
-                                   f"or drop long conversations")
-        return ids
-    ids = tokenizer(common.render(doc, tokenizer), add_special_tokens=False)["input_ids"]
-    return ids[:max(1, int(seq_len * _PROMPT_SHARE))] or None
-
-
-def prompt_stream(dataset: str, tokenizer, seq_len: int, seed: int, position: dict,
-                  strict: bool = True):
-    """Prompts forever, one per document of DATASET after the held-out ones (in the order
-    row_stream reads them; again from the first when they run out), keeping `position` up to
-    date in place like row_stream. A document that cannot give a prompt is an error when
-    `strict` (the first step's, checked before anything loads), else skipped with a warning
-    (so that one odd record in a large dataset cannot stop a long run for good)."""
-    while True:
-        found = False
-        for doc in common.documents(dataset, seed, skip=position["documents"]):
-            n = position["documents"]
-            position["documents"] += 1
-            try:
-                ids = prompt_ids(doc, tokenizer, seq_len, n)
-            except common.UserError as e:
-                if strict:
-                    raise
-                common.print0(f"warning: skipped: {e}")
-                continue
-            if ids:
-                found = True
-                yield torch.tensor(ids, dtype=torch.long)
-        if not found:
-            raise common.UserError(f"DATASET={dataset!r} has no documents to prompt with after "
-                                   f"the held-out rows; use more data or fewer EVAL_SAMPLES")
-        position.update(epoch=position["epoch"] + 1, documents=position["after_held_out"])
-
-
-def next_batch(cfg, data: dict, step: int, rank: int, world: int) -> tuple:
-    """This process's share of step `step`'s batch: ("sample", prompts) on an on-policy step,
-    else ("rows", packed rows)."""
-    if on_policy_step(step, cfg.ON_POLICY):
-        return "sample", local_batch(data["prompts"], cfg.GLOBAL_BATCH, rank, world, stack=False)
-    return "rows", local_batch(data["stream"], cfg.GLOBAL_BATCH, rank, world)
-
-
-def check_generation(cfg, s_conf, tokenizer):
-    """Refuse a student that could not sample, before anything loads."""
-    limit = getattr(s_conf, "max_position_embeddings", None)
-    if limit is not None and cfg.SEQ_LEN > limit:
-        raise common.UserError(f"STUDENT's config allows {limit} positions (max_position_embeddings) "
-                               f"and SEQ_LEN={cfg.SEQ_LEN}: sampling would run past them; lower SEQ_LEN")
-    if end_tokens(s_conf, tokenizer) == []:
-        raise common.UserError("STUDENT has no eos token (config or tokenizer): a sample could "
-                               "never end; set eos_token_id in its config.json")
-
-
-def end_tokens(config, tokenizer) -> list[int]:
-    ids = getattr(config, "eos_token_id", None)
-    ids = [ids] if isinstance(ids, int) else list(ids or [])
-    return sorted(set(ids) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()))
-
-
-def sample_rows(student, prompts: list, seq_len: int, eos: list[int], pad: int, acc) -> tuple:
-    """The student's continuations of `prompts` (1-D token tensors) as rows of `seq_len` tokens:
-    (rows, mask, sampled tokens). Each row is its prompt, the sampled tokens up to and with the
-    first eos, then padding; `mask` [rows, seq_len - 1] marks the predictions of the sampled
-    tokens. Sampling is transformers' `generate` (batched, left-padded, KV cache, from the full
-    distribution at _GEN_TEMPERATURE with the global torch RNG, which checkpoints save): this is
-    the one function a faster engine (e.g. vLLM) would replace."""
-    from transformers import GenerationConfig
-    width = max(len(p) for p in prompts)
-    batch = torch.full((len(prompts), width), pad, dtype=torch.long)
-    attention = torch.zeros_like(batch)
-    for b, p in enumerate(prompts):
-        batch[b, width - len(p):], attention[b, width - len(p):] = p, 1
-    sampling = GenerationConfig(do_sample=True, temperature=_GEN_TEMPERATURE, top_k=0, top_p=1.0,
-                                max_new_tokens=seq_len - width, pad_token_id=pad, eos_token_id=eos)
-    # the student's own generation_config (repetition penalty, top-k, ...) would bend the
-    # distribution the loss is on: a neutral one for the call
-    saved, student.generation_config = student.generation_config, GenerationConfig(
-        pad_token_id=pad, eos_token_id=eos)
-    was_training = student.training
-    student.eval()
-    dev = common.input_device(student)
-    try:
-        with torch.no_grad(), acc.autocast():
-            out = student.generate(input_ids=batch.to(dev), attention_mask=attention.to(dev),
-                                   generation_config=sampling)
-    finally:
-        student.generation_config = saved
-        student.train(was_training)
-    rows = torch.full((len(prompts), seq_len), pad, dtype=torch.long)
-    mask = torch.zeros(len(prompts), seq_len - 1, dtype=torch.bool)
-    sampled = 0
-    ends = torch.tensor(eos)
-    for b, p in enumerate(prompts):
-        new = out[b, width:].cpu()
-        hit = torch.isin(new, ends).nonzero()
-        new = new[:hit[0, 0] + 1] if len(hit) else new
-        rows[b, :len(p)], rows[b, len(p):len(p) + len(new)] = p, new
-        mask[b, len(p) - 1:len(p) - 1 + len(new)] = True
-        sampled += len(new)
-    return rows, mask, sampled
-
-
-# ---- the teacher cache: the teacher's top-k log-probabilities, computed once -----------------
-# TEACHER_CACHE holds pare.json (the manifest: `new_manifest` builds it, `read_manifest` reads
-# it), eval.safetensors (the held-out rows) and train-NNNNNN.safetensors (the training rows in
-# row_stream's order, `shard_rows` a file). Per row and predicted token: `ids` (int32) and
-# `logp`, the teacher's k most likely next tokens, sorted by id, and their log-probabilities
-# (temperature 1); `rest`, the log of the teacher's probability outside them; `target`, its
-# log-probability of the actual next token (for its perplexity); per row `row_hash`, which the
-# reader compares with the rows the run reads, so other text can never meet these targets.
-
-CACHE_KEYS = ("stage", "format", "teacher", "teacher_fingerprint", "teacher_layers", "tokenizer",
-              "vocab_size", "data", "topk", "dtype", "shard_rows", "rows", "versions", "created")
-CACHE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-def tokenizer_hash(tokenizer) -> str:
-    """A hash of what decides token ids: the vocabulary and the special tokens."""
-    h = hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
-    h.update(json.dumps([getattr(tokenizer, n) for n in ("bos_token", "eos_token", "pad_token",
-                                                         "unk_token")]
-                        + sorted(tokenizer.all_special_tokens)).encode())
-    return "sha256:" + h.hexdigest()[:32]
-
-
-def row_hashes(rows: torch.Tensor) -> torch.Tensor:
-    """A 64-bit hash of each row's token ids."""
-    return torch.tensor([int.from_bytes(hashlib.blake2b(r.numpy().astype("<i8").tobytes(),
-                                                        digest_size=8).digest(), "little", signed=True)
-                         for r in rows.cpu()], dtype=torch.int64)
+    return teacher, common.fingerprint(teacher, constant), t_conf
 
 
 def cache_data(cfg) -> dict:
-    """The settings that decide which rows a cache holds, in which order."""
+    """The settings that decide which rows a teacher cache holds, in which order."""
     return {"DATASET": cfg.DATASET, "SEQ_LEN": cfg.SEQ_LEN, "EVAL_SAMPLES": cfg.EVAL_SAMPLES,
             "_EVAL_DATASET": _EVAL_DATASET, "_SEED": _SEED}
 
 
-def new_manifest(cfg, m: dict) -> dict:
-    """The manifest of a new cache of `m`'s teacher (resolve_models' result) for this run's data."""
-    return {"stage": "teacher-cache", "format": 1, "teacher": m["teacher"],
-            "teacher_fingerprint": m["teacher_id"], "teacher_layers": m["t_layers"],
-            "tokenizer": tokenizer_hash(m["tokenizer"]), "vocab_size": m["t_conf"].vocab_size,
-            "data": cache_data(cfg), "topk": cfg.TOPK, "dtype": _CACHE_DTYPE,
-            "shard_rows": _CACHE_SHARD_ROWS, "rows": 0, "versions": common.versions(),
-            "created": common.now()}
-
-
-def read_manifest(path: Path) -> dict | None:
-    """The manifest of the cache at `path`, None when there is none yet."""
-    f = path / common.RECORD
-    if not f.is_file():
-        return None
-    try:
-        manifest = json.loads(f.read_text())
-    except ValueError as e:
-        raise common.UserError(f"{f} is not JSON ({e}); delete {path} to start the cache again") from None
-    if not isinstance(manifest, dict) or manifest.get("stage") != "teacher-cache":
-        raise common.UserError(f"TEACHER_CACHE={str(path)!r} is not a teacher cache (see its "
-                               f"{common.RECORD}); give a new directory")
-    missing = [k for k in CACHE_KEYS if k not in manifest]
-    if missing or manifest["format"] != 1 or manifest["dtype"] not in CACHE_DTYPES:
-        raise common.UserError(f"{f} is not a teacher cache manifest of this version (lacks "
-                               f"{missing}); delete {path} to start the cache again")
-    return manifest
-
-
-def check_manifest(manifest: dict, cfg):
-    """Refuse a cache written for other rows or another k before any work."""
-    now = {**cache_data(cfg), "TOPK": cfg.TOPK}
-    saved = {**manifest["data"], "TOPK": manifest["topk"]}
-    changed = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
-    if changed:
-        raise common.UserError(f"TEACHER_CACHE={cfg.TEACHER_CACHE!r} was written for other "
-                               f"settings {changed} (cache, now): its rows would not be this "
-                               f"run's; restore them or give a new TEACHER_CACHE")
-
-
-def write_manifest(path: Path, manifest: dict):
-    if common.is_first_process():
-        common.write_atomic(path / common.RECORD,
-                            lambda tmp: tmp.write_text(json.dumps(manifest, indent=2) + "\n"))
-
-
-def shard_path(path: Path, index: int) -> Path:
-    return path / f"train-{index:06d}.safetensors"
-
-
-def teacher_topk(teacher, rows: torch.Tensor, k: int, batch_size: int, chunk: int,
-                 dtype: torch.dtype, acc) -> dict:
-    """The cache's tensors for `rows` [n, L]: the teacher runs `batch_size` rows at a time and
-    its logits exist `chunk` tokens at a time, as in training (so that with k = vocab and
-    float32 the targets are exactly the live ones)."""
-    parts = {"ids": [], "logp": [], "rest": [], "target": []}
-    for ids in common.batches(rows.to(acc.device), batch_size):
-        with torch.no_grad(), acc.autocast():
-            h = teacher.model(input_ids=ids, use_cache=False).last_hidden_state[:, :-1].flatten(0, 1)
-            w = teacher.lm_head.weight.to(h.dtype)
-            wide = torch.promote_types(h.dtype, torch.float32)
-            y = ids[:, 1:].flatten()
-            for i in range(0, len(h), chunk):
-                lt = (h[i:i + chunk] @ w.T).to(wide).log_softmax(-1)
-                idx, top, rest = topk_entries(lt, k)
-                parts["ids"].append(idx.int().cpu())
-                parts["logp"].append(top.to(dtype).cpu())
-                parts["rest"].append(rest.to(dtype).cpu())
-                parts["target"].append(lt.gather(1, y[i:i + chunk, None])[:, 0].to(dtype).cpu())
-    shape = (len(rows), rows.shape[1] - 1)
-    out = {name: torch.cat(p).view(*shape, -1) for name, p in parts.items()}
-    out["rest"], out["target"] = out["rest"][..., 0], out["target"][..., 0]
-    return {**out, "row_hash": row_hashes(rows)}
-
-
-def topk_entries(lt: torch.Tensor, k: int) -> tuple:
-    """(ids, log-probabilities, log of the rest) of log-probabilities `lt` [n, vocab]: the k
-    largest, sorted by token id (so that k = vocab keeps the vocabulary's order), and the log of
-    the mass outside them (-inf when k = vocab)."""
-    top, idx = lt.topk(k, dim=-1)
-    idx, order = idx.sort(dim=-1)
-    return idx, top.gather(1, order), lt.scatter(1, idx, -math.inf).logsumexp(-1)
-
-
-def write_shard(path: Path, tensors: dict):
-    from safetensors.torch import save_file
-    common.write_atomic(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()},
-                                                    str(tmp)))
-
-
-def fill_cache(path: Path, manifest: dict, teacher, tokenizer, cfg, env: dict, n_shards: int):
-    """Write the shards below `n_shards` (and the held-out rows' file) that `path` lacks: each
-    process its own share (shard i: process i mod world), reading the same row stream as
-    training. A shard appears whole or not at all, so a killed fill resumes where it stopped."""
-    acc, rank, world = env["acc"], env["rank"], env["world"]
-    rows_per, k, dtype = manifest["shard_rows"], manifest["topk"], CACHE_DTYPES[manifest["dtype"]]
-    todo = [s for s in range(n_shards) if s % world == rank and not shard_path(path, s).is_file()]
-    mine_eval = rank == 0 and len(env["eval_rows"]) and not (path / "eval.safetensors").is_file()
-    n_tokens = (len(todo) * rows_per + (len(env["eval_rows"]) if mine_eval else 0)) * (cfg.SEQ_LEN - 1)
-    bar = tqdm(total=n_tokens, desc="teacher cache", unit="tok", unit_scale=True,
-               disable=not common.is_first_process())
-    t0, written = time.time(), 0
-    args = (k, cfg.BATCH_SIZE, _CHUNK_TOKENS, dtype, acc)
-    if mine_eval:
-        write_shard(path / "eval.safetensors", teacher_topk(teacher, env["eval_rows"], *args))
-        written += (path / "eval.safetensors").stat().st_size
-        bar.update(len(env["eval_rows"]) * (cfg.SEQ_LEN - 1))
-    stream = row_stream(cfg.DATASET, tokenizer, cfg.SEQ_LEN, _SEED, env["held"], start_position())
-    for s in range(max(todo) + 1 if todo else 0):
-        rows = torch.stack([next(stream) for _ in range(rows_per)])  # every process reads all
-        if s in todo:
-            write_shard(shard_path(path, s), teacher_topk(teacher, rows, *args))
-            written += shard_path(path, s).stat().st_size
-            bar.update(rows_per * (cfg.SEQ_LEN - 1))
-    bar.close()
-    dt, tok = time.time() - t0, n_tokens
-    if tok:
-        common.print0(f"teacher cache: {len(todo)} shards, {tok:,} tokens in {dt:.1f}s "
-                      f"({tok / dt:,.0f} tokens/s this process), {written / tok:.1f} bytes per token "
-                      f"(k={k}, {manifest['dtype']}: {4 + dtype.itemsize} bytes a "
-                      f"kept logit)")
-    return {"tokens": tok, "seconds": dt, "bytes": written}
-
-
-def prepare_cache(cfg, m: dict, env: dict, n_rows: int):
-    """The TeacherCache of this run, holding its first `n_rows` training rows and its held-out
-    rows: filled with the teacher first where it lacks them (the teacher loaded only then)."""
-    path = Path(cfg.TEACHER_CACHE).expanduser()
-    manifest, filled = read_manifest(path), None
-    if manifest is None:
-        manifest = new_manifest(cfg, m)
-        with common.writing(path):
-            if common.is_first_process():
-                path.mkdir(parents=True, exist_ok=True)
-        write_manifest(path, manifest)  # marks the directory as a cache before any shard
-    env["acc"].wait_for_everyone()  # the manifest exists before any process writes a shard
-    n_shards = math.ceil(n_rows / manifest["shard_rows"])
-    have = sum(shard_path(path, s).is_file() for s in range(n_shards))
-    lacks_eval = len(env["eval_rows"]) > 0 and not (path / "eval.safetensors").is_file()
-    env["acc"].wait_for_everyone()  # every process decided on the same files before any write
-    if have < n_shards or lacks_eval:
-        common.print0(f"teacher cache: {path} holds {have} of the {n_shards} shards this run "
-                      f"needs ({n_rows} rows){' and not the held-out rows' if lacks_eval else ''}; "
-                      f"filling them with the teacher {manifest['teacher']}")
-        check_cached_rows(path, manifest, m["tokenizer"], cfg, env, n_shards)
-        check_disk(path, manifest, cfg, (n_shards - have) * manifest["shard_rows"]
-                   + (len(env["eval_rows"]) if lacks_eval else 0))
-        teacher = load_cache_teacher(manifest, str(env["acc"].device), env["dtype"])
-        filled = fill_cache(path, manifest, teacher, m["tokenizer"], cfg, env, n_shards)
-        del teacher
-        env["acc"].wait_for_everyone()
-        manifest["rows"] = max(manifest["rows"], n_shards * manifest["shard_rows"])
-        write_manifest(path, manifest)
-    common.print0(f"teacher cache: {path}, k={manifest['topk']} of {manifest['teacher']}'s "
-                  f"log-probabilities, {manifest['rows']} rows; no teacher runs in training")
-    return TeacherCache(path, manifest, filled)
-
-
-def check_cached_rows(path: Path, manifest: dict, tokenizer, cfg, env: dict, n_shards: int):
-    """Before the teacher runs: the files the cache already has hold this run's rows (a
-    DATASET edited since would otherwise be found only when training reaches them)."""
-    cache, per = TeacherCache(path, manifest), manifest["shard_rows"]
-    if len(env["eval_rows"]) and (path / "eval.safetensors").is_file():
-        cache.held_out(env["eval_rows"])
-    have = [s for s in range(n_shards) if shard_path(path, s).is_file()]
-    stream = row_stream(cfg.DATASET, tokenizer, cfg.SEQ_LEN, _SEED, env["held"], start_position())
-    for s in range(max(have) + 1 if have else 0):
-        rows = torch.stack([next(stream) for _ in range(per)])
-        if s in have:
-            cache.train_rows(s * per, rows)
-
-
-def check_disk(path: Path, manifest: dict, cfg, rows: int):
-    """Refuse a fill the disk cannot hold, before the teacher runs."""
-    need = rows * (cfg.SEQ_LEN - 1) * (manifest["topk"] * (4 + CACHE_DTYPES[manifest["dtype"]].itemsize)
-                                       + 2 * CACHE_DTYPES[manifest["dtype"]].itemsize) + rows * 8
-    free = shutil.disk_usage(path).free
-    if need > free:
-        raise common.UserError(f"TEACHER_CACHE={str(path)!r} needs about {need / 1e9:.1f} GB more "
-                               f"({rows:,} rows at k={manifest['topk']}) and its disk has "
-                               f"{free / 1e9:.1f} GB free; free space, lower TOPK or MAX_STEPS")
-
-
-def load_cache_teacher(manifest: dict, device: str, dtype: torch.dtype):
-    """The teacher a cache was begun with, refused if it changed since (by content)."""
-    name = manifest["teacher"]
-    try:
-        teacher = load_teacher(name, device, dtype)  # first: a hub model's files are then there
-    except common.UserError as e:
-        raise common.UserError(f"the teacher cache lacks rows this run needs, and its teacher "
-                               f"cannot be read ({e})") from None
-    now = common.fingerprint(name, "the teacher in TEACHER_CACHE's manifest")
-    if not common.same_model(manifest["teacher_fingerprint"], name, now):
-        raise common.UserError(f"the teacher {name!r} changed since its cache was begun "
-                               f"(fingerprint {manifest['teacher_fingerprint']}, now {now}); "
-                               f"give a new TEACHER_CACHE")
-    return teacher
-
-
-class TeacherCache:
-    """Reads a cache's targets for given rows (training rows by their index in row_stream's
-    order, or the held-out rows) and checks that the rows are the ones it was written for."""
-
-    def __init__(self, path: Path, manifest: dict, filled: dict | None = None):
-        self.path, self.manifest, self.files = path, manifest, {}
-        self.filled = filled  # what this run wrote into it: tokens, seconds, bytes (this process)
-
-    def _open(self, file: Path):
-        from safetensors import safe_open
-        if file not in self.files:
-            if not file.is_file():
-                raise common.UserError(f"{file} is missing from the teacher cache; run the same "
-                                       f"command again to fill it (the teacher is needed)")
-            self.files = {file: safe_open(str(file), framework="pt")}  # one open file at a time
-        return self.files[file]
-
-    def _check(self, got: torch.Tensor, rows: torch.Tensor, where: str):
-        if not torch.equal(got, row_hashes(rows)):
-            raise common.UserError(f"the teacher cache {self.path} holds other text at {where} "
-                                   f"than this run reads (was DATASET changed since the cache was "
-                                   f"written?); give a new TEACHER_CACHE")
-
-    def train_rows(self, start: int, rows: torch.Tensor) -> dict:
-        """Targets of training rows start .. start + len(rows) - 1 (`rows`: their token ids)."""
-        per, parts = self.manifest["shard_rows"], []
-        i, end = start, start + len(rows)
-        while i < end:
-            s, off = divmod(i, per)
-            n = min(end - i, per - off)
-            f = self._open(shard_path(self.path, s))
-            parts.append({k: f.get_slice(k)[off:off + n] for k in f.keys()})
-            i += n
-        out = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-        self._check(out.pop("row_hash"), rows, f"training rows {start}..{end - 1}")
-        return out
-
-    def held_out(self, rows: torch.Tensor) -> dict:
-        f = self._open(self.path / "eval.safetensors")
-        out = {k: f.get_tensor(k) for k in f.keys()}
-        self._check(out.pop("row_hash"), rows, "the held-out rows")
-        return out
-
-
-@torch.no_grad()
-def cached_evaluate(student, rows: torch.Tensor, batch_size: int, targets: dict,
-                    chunk: int) -> dict:
-    """common.evaluate's metrics with the teacher read from a cache: KL as `topk_kl` (k + 1
-    buckets, a lower bound of the full KL), the teacher's perplexity from its cached
-    log-probability of each next token."""
-    nll_s = nll_t = kl = 0.0
-    count = 0
-    for b, ids in enumerate(common.batches(rows, batch_size)):
-        hs = common.final_hidden(student, ids)[:, :-1].flatten(0, 1)
-        t = {k: v[b * batch_size:b * batch_size + len(ids)].flatten(0, 1).to(hs.device)
-             for k, v in targets.items()}
-        labels = ids[:, 1:].flatten().to(hs.device)
-        for i in range(0, len(labels), chunk):
-            ls = student.lm_head(hs[i:i + chunk]).float().log_softmax(-1)
-            nll_s -= ls.gather(1, labels[i:i + chunk, None]).sum().item()
-            kl += topk_kl(ls, *(t[n][i:i + chunk] for n in ("ids", "logp", "rest")))[0].item()
-        nll_t -= t["target"].double().sum().item()
-        count += len(labels)
-    return {"student_ppl": math.exp(nll_s / count), "teacher_ppl": math.exp(nll_t / count),
-            "kl": kl / count, "tokens": count}
-
-
-
-# ---- selection between candidates (several STUDENTs) ----------------------------------------
-
-def select_root(cfg) -> str:
-    return f"{cfg.OUTPUT.rstrip('/')}-select"
-
-
-def candidates(cfg) -> list:
-    """The knobs of one run per student: `cfg` itself for one STUDENT; for a list, a copy per
-    directory with STUDENT set to it and OUTPUT to its own directory under OUTPUT-select."""
-    if not isinstance(cfg.STUDENT, list):
-        return [cfg]
-    dirs = cfg.STUDENT
-    if len(dirs) < 2 or not all(isinstance(d, str) and d for d in dirs):
-        raise common.UserError(f"STUDENT={dirs!r}: give one directory, or a list of two or more "
-                               f"to select between")
-    if len({Path(d).resolve() for d in dirs}) < len(dirs):
-        raise common.UserError(f"STUDENT={dirs!r} names a directory twice")
-    return [types.SimpleNamespace(**{**vars(cfg), "STUDENT": d,
-                                     "OUTPUT": str(Path(select_root(cfg)) / f"{i}-{Path(d).name}")})
-            for i, d in enumerate(dirs)]
-
-
-def check_candidates(runs: list, ms: list):
-    """Candidates are compared on one teacher's KL: the same teacher, by content."""
-    for run, m in zip(runs[1:], ms[1:]):
-        if m["teacher_id"] != ms[0]["teacher_id"]:
-            raise common.UserError(f"the candidates have different teachers ({runs[0].STUDENT!r}: "
-                                   f"{ms[0]['teacher']!r}, {run.STUDENT!r}: {m['teacher']!r}); "
-                                   f"select between students of one teacher, or set TEACHER")
-
-
-def funnel(cfg, plan: dict, n: int, shard: bool) -> list[int]:
-    """The step at which each selection round ends (the same for every candidate in it): the
-    first round SELECT_TOKENS per candidate, each next _SELECT_GROWTH x longer, as many rounds
-    as it takes _SELECT_KEEP to leave one candidate."""
-    if shard:
-        raise common.UserError("several STUDENTs are selected between without sharding: run the "
-                               "selection with FSDP=False (DDP), then shard the winner's run")
-    if not cfg.EVAL_SAMPLES:
-        raise common.UserError("several STUDENTs are ranked by held-out KL: set EVAL_SAMPLES > 0")
-    if not 0 < _SELECT_KEEP < 1 or _SELECT_GROWTH < 1:
-        raise common.UserError(f"distill.py's _SELECT_KEEP={_SELECT_KEEP} must lie in (0, 1) and "
-                               f"_SELECT_GROWTH={_SELECT_GROWTH} be at least 1")
-    per_step = plan["tokens_per_step"]
-    if cfg.SELECT_TOKENS < 0 or 0 < cfg.SELECT_TOKENS < per_step:
-        raise common.UserError(f"SELECT_TOKENS={cfg.SELECT_TOKENS} is less than one step's "
-                               f"{per_step} tokens (GLOBAL_BATCH x SEQ_LEN); 0 ranks zero-shot")
-    first, ends, alive = cfg.SELECT_TOKENS // per_step, [], n
-    while alive > 1:
-        ends.append((ends[-1] if ends else 0) + round(first * _SELECT_GROWTH ** len(ends)))
-        alive = kept_after_round(alive)
-    if _STOP_AT_STEP is not None and _STOP_AT_STEP < ends[-1]:
-        raise common.UserError(f"_STOP_AT_STEP={_STOP_AT_STEP} stops the winner's run after the "
-                               f"selection, whose rounds end at step {ends[-1]}: set it above "
-                               f"that, or None")
-    if ends[-1] > plan["max_steps"]:
-        raise common.UserError(f"the selection's {len(ends)} rounds take {ends[-1]} steps, more "
-                               f"than the run's {plan['max_steps']}: lower SELECT_TOKENS or raise "
-                               f"MAX_STEPS")
-    common.print0(f"selection: {n} candidates, {len(ends)} rounds ending at steps {ends} "
-                  f"({'flat: every candidate runs every round' if _SELECT_FLAT else 'funnel'})")
-    return ends
-
-
-def kendall_tau(a: list[float], b: list[float]) -> float | None:
-    """Kendall's rank correlation of two score lists (tau-a: tied pairs count 0)."""
-    pairs = [(i, j) for i in range(len(a)) for j in range(i + 1, len(a))]
-    if not pairs:
-        return None
-    sign = lambda x: (x > 0) - (x < 0)  # noqa: E731
-    return sum(sign(a[i] - a[j]) * sign(b[i] - b[j]) for i, j in pairs) / len(pairs)
-
-
-def ranking(entries: list[dict], r: int, among: list[int] | None = None) -> list[int]:
-    """Indices of `entries` (or of those `among` them) best first by KL after round r (-1:
-    zero-shot); ties by zero-shot KL, then by student path, so that the order the candidates
-    were given in does not count."""
-    def kl(e):
-        return e["zero_shot_kl"] if r < 0 else e["kl"][r]
-    among = range(len(entries)) if among is None else among
-    return sorted(among, key=lambda i: (kl(entries[i]), entries[i]["zero_shot_kl"],
-                                        entries[i]["student"]))
-
-
-def kept_after_round(n: int) -> int:
-    """How many of n candidates go on: _SELECT_KEEP of them rounded up, and at least one fewer."""
-    return min(n - 1, math.ceil(n * _SELECT_KEEP))
-
-
-def survivors(entries: list[dict], alive: list[int], r: int) -> list[int]:
-    if _SELECT_FLAT:
-        return alive
-    return ranking(entries, r, alive)[:kept_after_round(len(alive))]
-
-
-def selection_settings(cfg, runs: list, ms: list, ends: list[int]) -> dict:
-    """What a resumed selection must share with the run that began it."""
-    return {"knobs": {k: v for k, v in vars(cfg).items() if k not in RESUMABLE - {"SELECT_TOKENS"}},
-            "recipe": {k: v for k, v in common.recipe(globals()).items() if k not in RESUMABLE},
-            "round_ends": ends,
-            "students": [m["student_id"] for m in ms], "teacher": ms[0]["teacher_id"]}
-
-
-def new_selection(cfg, runs: list, ms: list, ends: list[int]) -> dict:
-    """The selection's record (select_root's pare.json, and selection.json next to the winner):
-    its settings, one entry per candidate (KL per round), the rounds as they finish, the winner."""
-    entries = []
-    for run, m in zip(runs, ms):
-        shape = common.shape_of(m["s_conf"])
-        entries.append({"student": run.STUDENT, "output": run.OUTPUT, "shape": shape,
-                        "params": common.param_count(shape, m["s_conf"])["total"],
-                        "zero_shot_kl": None, "kl": []})
-    return {"stage": "distill-select", "settings": selection_settings(cfg, runs, ms, ends),
-            "candidates": entries, "rounds": [], "winner": None, "versions": common.versions(),
-            "created": common.now()}
-
-
-def write_selection(path: Path, record: dict):
-    if common.is_first_process():
-        common.write_atomic(path, lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
-
-
-def read_selection(select_dir: Path, cfg, runs: list, ms: list, ends: list[int]) -> dict:
-    """The record of the selection in `select_dir` to continue (a new one if none), refused with
-    a message naming the directory when it was begun with other settings."""
-    path = select_dir / common.RECORD
-    if not path.is_file():
-        return new_selection(cfg, runs, ms, ends)
-    try:
-        record = json.loads(path.read_text())
-        saved = record["settings"]
-        record["candidates"], record["rounds"]  # noqa: B018 (keys the resume reads)
-    except (ValueError, KeyError, TypeError) as e:
-        raise common.UserError(f"{path} is not a selection record ({e}); delete {select_dir}") from None
-    now = selection_settings(cfg, runs, ms, ends)
-    if saved != now:
-        changed = sorted(k for k in now if saved.get(k) != now[k])
-        raise common.UserError(f"{select_dir} holds a selection begun with other {changed}; "
-                               f"restore them or delete {select_dir} to start again")
-    return record
-
-
-def shape_text(shape: dict) -> str:
-    return (f"h{shape['hidden_size']} f{shape['intermediate_size']} "
-            f"a{shape['num_attention_heads']}/{shape['num_key_value_heads']} "
-            f"L{shape['num_hidden_layers']}")
-
-
-def selection_table(record: dict, r: int) -> str:
-    """The table after round r: candidates best first, KL at each round end so far, rank now
-    against the zero-shot rank, and the Kendall tau between those rankings."""
-    entries, ends = record["candidates"], record["settings"]["round_ends"][:r + 1]
-    head = (f"{'candidate':<24} {'shape':<22} {'params':>8} {'kl@0':>8} "
-            + " ".join(f"{f'kl@{e}':>8}" for e in ends) + f" {'rank':>5} {'zero-shot':>9}")
-    lines = [head]
-    zero = ranking(entries, -1)
-    now = ranking(entries, r, [i for i in range(len(entries)) if len(entries[i]["kl"]) > r])
-    for i in now + [i for i in zero if i not in now]:
-        e = entries[i]
-        kls = " ".join(f"{e['kl'][k]:>8.4f}" if k < len(e["kl"]) else f"{'-':>8}"
-                       for k in range(len(ends)))
-        rank = str(now.index(i) + 1) if i in now else "out"
-        lines.append(f"{Path(e['output']).name[:24]:<24} {shape_text(e['shape']):<22} "
-                     f"{e['params'] / 1e6:>7.2f}M {e['zero_shot_kl']:>8.4f} {kls} {rank:>5} "
-                     f"{zero.index(i) + 1:>9}")
-    tau = record["rounds"][r]["kendall_tau"] if r < len(record["rounds"]) else None
-    lines.append(f"kendall_tau: {'-' if tau is None else f'{tau:.3f}'} (zero-shot vs after "
-                 f"round {r + 1}, over its {len(now)} candidates)")
-    return "\n".join(lines)
-
-
-def shared_value(acc, value: float | None) -> float:
-    """The first process's number on every process (only it evaluates without FSDP)."""
-    if acc.num_processes == 1:
-        return value
-    t = torch.tensor(value if common.is_first_process() else 0.0, dtype=torch.float64,
-                     device=acc.device)
-    return acc.reduce(t, "sum").item()
-
-
-def adopt_checkpoint(src: Path, root: Path, output: str) -> Path:
-    """A copy of candidate checkpoint `src` as the newest one of the run `root` belongs to."""
-    final = root / src.name
-    if common.is_first_process() and not final.exists():
-        mark_checkpoint_root(root, output)
-        common.write_atomic(final, lambda tmp: shutil.copytree(src, tmp))
-    return final
-
-
-def select(cfg, runs: list, ms: list, env: dict, ends: list[int], select_dir: Path, root: Path,
-           out_dir: Path) -> dict:
-    """Distil every candidate round by round (the funnel, or flat), one at a time next to a
-    teacher loaded once, from its own checkpoints under `select_dir`; the winner's latest
-    checkpoint becomes this run's, and the winner is written to `out_dir` (trained on to the
-    schedule's end first when MAX_STEPS is set) with selection.json beside it."""
-    acc, plan = env["acc"], env["plan"]
-    record = read_selection(select_dir, cfg, runs, ms, ends)
-    write_selection(select_dir / common.RECORD, record)  # marks select_dir before any checkpoint
-    entries = record["candidates"]
-    cached = env["cache"] is not None
-    teacher = None if cached else load_teacher(ms[0]["teacher"], str(acc.device), env["dtype"])
-    print_memory(ms[0]["s_conf"], None if cached else ms[0]["t_conf"], env["dtype"], 1, env["device"])
-    alive = list(range(len(runs)))
-    for r, end in enumerate(ends):
-        common.print0(f"selection round {r + 1}/{len(ends)}: {len(alive)} candidates to step {end} "
-                      f"({(end - (ends[r - 1] if r else 0)) * plan['tokens_per_step']:,} tokens each)")
-        for i in alive:
-            if len(entries[i]["kl"]) > r:
-                continue  # finished by an earlier run of this selection
-            s = distill_one(runs[i], ms[i], env, Path(f"{runs[i].OUTPUT}-checkpoints"),
-                            Path(runs[i].OUTPUT), end, teacher, always_write=True)
-            entries[i]["zero_shot_kl"] = shared_value(acc, s["start"].get("kl"))
-            entries[i]["kl"].append(shared_value(acc, s["final"].get("kl")))
-            write_selection(select_dir / common.RECORD, record)
-        if len(record["rounds"]) <= r:
-            zero = [entries[i]["zero_shot_kl"] for i in alive]
-            record["rounds"].append({"end_step": end, "candidates": [entries[i]["output"] for i in alive],
-                                     "tokens_per_candidate": end * plan["tokens_per_step"],
-                                     "kendall_tau": kendall_tau(zero, [entries[i]["kl"][r] for i in alive])})
-            write_selection(select_dir / common.RECORD, record)
-        common.print0(selection_table(record, r))
-        alive = survivors(entries, alive, r)
-    best = ranking(entries, len(ends) - 1, alive)[0]
-    record["winner"] = entries[best]["output"]
-    write_selection(select_dir / common.RECORD, record)
-    common.print0(f"selection: winner {runs[best].STUDENT} (KL {entries[best]['kl'][-1]:.4f} after "
-                  f"{ends[-1]} steps; zero-shot rank {ranking(entries, -1).index(best) + 1})")
-    saved = checkpoints(Path(f"{runs[best].OUTPUT}-checkpoints"))  # none: no round trained
-    acc.wait_for_everyone()
-    if saved:
-        adopt_checkpoint(saved[-1], root, cfg.OUTPUT)
-    acc.wait_for_everyone()
-    winner = types.SimpleNamespace(**{**vars(cfg), "STUDENT": runs[best].STUDENT})
-    go_on = cfg.MAX_STEPS is not None
-    summary = distill_one(winner, ms[best], env, root, out_dir,
-                          plan["stop"] if go_on else ends[-1], teacher, always_write=not go_on)
-    if summary["output"]:
-        write_selection(out_dir / "selection.json", record)
-    if not go_on:
-        common.print0(f"selection: continue the winner's recovery from {root} with "
-                      f"`uv run distill.py STUDENT={runs[best].STUDENT!r}` and the other knobs "
-                      f"as here")
-    return {**summary, "selection": record}
-
-
-# ---- the run --------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def stop_requests():
-    """Ctrl-C or SIGTERM: the first asks the training loop to stop after the current step (it
-    writes a checkpoint); the second stops at once. Yields a dict whose "stop" turns True."""
-    flag = {"stop": False}
-
-    def handler(signum, frame):
-        if flag["stop"]:
-            raise common.Interrupted("stopped at once; the last complete checkpoint, if any, is "
-                                     "kept: run the same command again to resume from it")
-        flag["stop"] = True
-        common.print0(f"\n{signal.Signals(signum).name}: stopping after this step with a "
-                      f"checkpoint (once more: stop at once)")
-
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield flag
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-
-
-def warn_small_run_traps(cfg, plan: dict, device: str):
-    """Settings that run but are almost certainly not what was meant."""
-    if plan["warmup"] < _WARMUP_STEPS:
-        common.print0(f"schedule: warmup {plan['warmup']} steps (_WARMUP_STEPS={_WARMUP_STEPS} "
-                      f"capped at a tenth of the {plan['max_steps']} steps)")
-    if device == "cpu" and plan["tokens_per_step"] > 64 * 1024:
-        common.print0(f"warning: {plan['tokens_per_step']:,} tokens per optimizer step "
-                      f"(GLOBAL_BATCH={cfg.GLOBAL_BATCH} x SEQ_LEN={cfg.SEQ_LEN}) on a CPU: at a "
-                      f"few hundred tokens/s each step takes hours; for a trial run lower both")
-
-
-def held_out_rows(cfg, tokenizer) -> tuple[torch.Tensor, int, int]:
-    """(EVAL_SAMPLES held-out rows, how many rows and documents of DATASET they take away from
-    training)."""
-    if not cfg.EVAL_SAMPLES:
-        return torch.empty(0, cfg.SEQ_LEN, dtype=torch.long), 0, 0
-    position = {"documents": 0, "carry": []}
-    rows = common.calibration_rows(_EVAL_DATASET or cfg.DATASET, tokenizer, cfg.EVAL_SAMPLES,
-                                   cfg.SEQ_LEN, _SEED, position=position)
-    return (rows, 0, 0) if _EVAL_DATASET else (rows, len(rows), position["documents"])
-
-
-def print_memory(s_conf, t_conf, dtype: torch.dtype, shards: int, device: str):
-    """What weights, gradients and optimizer state need per process, before anything loads."""
-    need = state_gib(s_conf, t_conf, dtype, shards)
-    total = sum(need.values())
-    common.print0(f"memory: about {total:.1f} GiB per process before activations (student "
-                  f"weights, gradients and AdamW state {need['student']:.1f} GiB, teacher "
-                  f"{need['teacher']:.1f} GiB{f', sharded over {shards} processes' if shards > 1 else ''})")
-    if device.startswith("cuda"):
-        have = torch.cuda.get_device_properties(device).total_memory / 2**30
-        if total > 0.9 * have:
-            hint = "" if shards > 1 else ": shard both models with FSDP=True over several GPUs"
-            common.print0(f"warning: that is more than 90% of this GPU's {have:.0f} GiB; expect "
-                          f"out-of-memory{hint}")
-
-
-def load_pair(cfg, teacher_name: str, configs: tuple, dtype: torch.dtype, device: str,
-              shard: bool, rank: int, teacher=None, cached: bool = False):
+def resolve_models(cfg) -> Models:
+    """Student record, teacher, configs, tokenizer and fingerprints, checked to belong together.
+    With a TEACHER_CACHE that exists, its manifest names the teacher, whose files are not read
+    (a cache that holds the rows needed works without them)."""
+    if not Path(cfg.STUDENT).is_dir():
+        raise common.UserError(f"STUDENT={cfg.STUDENT!r} is not a directory; run prune.py first "
+                               f"or set STUDENT to the pruned model's directory")
+    s_conf = common.load_config(cfg.STUDENT, "STUDENT")
+    common.family_of(s_conf, "STUDENT")
+    # a student from elsewhere may have no record (then TEACHER names the teacher); prune.py's
+    # record must hold what distill reads: the teacher, and the kept layers and channels
+    record = common.read_record(cfg.STUDENT, ("stage", "source_model", "source_shape", "kept")) or {}
+    tokenizer = common.load_tokenizer(cfg.STUDENT, "STUDENT")
+    student = (cfg.STUDENT, common.fingerprint(cfg.STUDENT, "STUDENT"), record, s_conf, tokenizer)
+    if cfg.TEACHER_CACHE:  # an existing cache names its teacher: (name, fingerprint, layers)
+        import teacher_cache
+        teacher = teacher_cache.teacher_of(cfg.TEACHER_CACHE, cache_data(cfg), cfg.TOPK,
+                                           cfg.TEACHER, cfg.STUDENT, s_conf, tokenizer)
+        if teacher is not None:
+            return Models(*student, teacher[0], teacher[1], None, teacher[2])
+    teacher, teacher_id, t_conf = live_teacher(cfg, record, s_conf, tokenizer)
+    return Models(*student, teacher, teacher_id, t_conf, t_conf.num_hidden_layers)
+
+
+def load_teacher(name: str, device: str, dtype: torch.dtype):
+    return common.load_model(name, device, dtype, "TEACHER").requires_grad_(False)
+
+
+def load_pair(cfg, m: Models, dtype: torch.dtype, device: str, shard: bool, rank: int,
+              teacher=None, cached: bool = False):
     """(student in float32, ready to train; teacher in `dtype`, frozen: `teacher` when given,
     None when `cached`, i.e. a teacher cache stands in for it).
     Under FSDP they are read into CPU memory by the first process only (FSDP moves each shard to
-    the device as it cuts it); the other processes get empty models of `configs` (student's,
-    teacher's) and receive their shards later."""
+    the device as it cuts it); the other processes get empty models of the configs and receive
+    their shards later."""
     if shard and rank > 0:
-        student = empty_model(configs[0], torch.float32)
-        teacher = None if cached else empty_model(configs[1], dtype)
+        import sharding
+        student = sharding.empty_model(m.s_conf, torch.float32)
+        teacher = None if cached else sharding.empty_model(m.t_conf, dtype)
     else:
         where = "cpu" if shard else device
         student = common.load_model(cfg.STUDENT, where, torch.float32, "STUDENT")
-        teacher = None if cached else teacher or load_teacher(teacher_name, where, dtype)
+        teacher = None if cached else teacher or load_teacher(m.teacher, where, dtype)
     if teacher is not None:
         teacher.requires_grad_(False)
     if cfg.GRADIENT_CHECKPOINTING:
@@ -1660,75 +457,182 @@ def load_pair(cfg, teacher_name: str, configs: tuple, dtype: torch.dtype, device
     return student, teacher
 
 
-def load_teacher(name: str, device: str, dtype: torch.dtype):
-    return common.load_model(name, device, dtype, "TEACHER").requires_grad_(False)
-
-
-def build_distiller(student, teacher, m: dict, dev: str, shard: bool, world: int, rank: int,
-                    bf16: bool, divergence: str = "forward_kl") -> tuple:
-    """(Distiller: the student plus the hidden-state map, sharded under FSDP; the hidden-state
-    pairs, empty unless the depth cut reaches _HIDDEN_LOSS_DEPTH_CUT and the teacher runs: a
-    teacher cache (`teacher` None) holds its logits only). `m`: resolve_models' result."""
-    s_conf, record = student.config, m["record"]
-    same_source = m["teacher"] == record.get("source_model")
-    n_s, n_t = s_conf.num_hidden_layers, m["t_layers"]
-    pairs, kept_hidden = [], None
-    deep_cut = use_hidden_loss(n_s, n_t, _HIDDEN_LOSS_DEPTH_CUT)
-    if deep_cut and teacher is None:
+def hidden_loss_pairs(m: Models, teacher, n_layers: int, depth_cut: float) -> list:
+    """The (student, teacher) hidden-state pairs of the hidden-state loss: none unless the
+    student lost `depth_cut` of the teacher's layers and the teacher runs (a teacher cache,
+    `teacher` None, holds its logits only)."""
+    n_s, n_t = m.s_conf.num_hidden_layers, m.t_layers
+    if not use_hidden_loss(n_s, n_t, depth_cut):
+        return []
+    if teacher is None:
         common.print0(f"warning: the depth cut ({1 - n_s / n_t:.0%} of the layers) would add the "
                       f"hidden-state loss, which a teacher cache cannot give (it holds logits "
                       f"only): training on the logit KL alone")
-    elif deep_cut:
-        t_conf = teacher.config
-        kept = record["kept"]["layers"] if record else list(range(n_s))
-        if len(kept) != n_s:
-            raise common.UserError(f"{common.RECORD} lists {len(kept)} kept layers but STUDENT "
-                                   f"has {n_s}")
-        n_source = record["source_shape"]["num_hidden_layers"] if record else n_t
-        pairs = hidden_pairs(kept, n_source, n_t, _HIDDEN_LOSS_LAYERS)
-        kept_hidden = record["kept"]["hidden"] if record and same_source else None
-        proj = make_proj(s_conf.hidden_size, t_conf.hidden_size, kept_hidden)
-    settings = {"temperature": _TEMPERATURE, "kl_w": _KL_WEIGHT, "ce_w": _CE_WEIGHT,
-                "chunk": _CHUNK_TOKENS, "divergence": divergence}
-    model = Distiller(student, proj.to(student.device) if pairs else torch.nn.Identity(), pairs,
-                      settings)
-    if shard:
-        full = ((model.state_dict(), teacher.state_dict() if teacher else {}) if rank == 0
-                else ({}, {}))
-        shard_models(model, teacher, dev, world, bf16)
-        if rank == 0 and teacher:  # the others' lm_head is still empty: broadcast_weights places it
-            teacher.lm_head.to(dev)
-        broadcast_weights(model, full[0], dev, rank)
-        s_mine, s_all = local_share(model)
-        held = f"{s_mine:,} of {s_all:,} student parameters"
-        if teacher:
-            broadcast_weights(teacher, full[1], dev, rank)
-            t_mine, t_all = local_share(teacher.model)
-            held += f" and {t_mine:,} of {t_all:,} teacher decoder parameters"
-        common.print0(f"fsdp: {world} processes; this one holds {held}")
+        return []
+    kept = m.record["kept"]["layers"] if m.record else list(range(n_s))
+    if len(kept) != n_s:
+        raise common.UserError(f"{common.RECORD} lists {len(kept)} kept layers but STUDENT "
+                               f"has {n_s}")
+    n_source = m.record["source_shape"]["num_hidden_layers"] if m.record else n_t
+    return hidden_pairs(kept, n_source, n_t, n_layers)
+
+
+def build_distiller(student, teacher, m: Models, loss: LossSettings, pairs: list) -> Distiller:
+    """The Distiller of `student`: with the hidden-state map when `pairs` are trained (initialised
+    from the kept hidden channels when the teacher is the model the student was pruned from)."""
+    proj = torch.nn.Identity()
+    if pairs:
+        same_source = m.teacher == m.record.get("source_model")
+        kept_hidden = m.record["kept"]["hidden"] if m.record and same_source else None
+        proj = make_proj(m.s_conf.hidden_size, teacher.config.hidden_size, kept_hidden)
+    n_s, n_t = m.s_conf.num_hidden_layers, m.t_layers
     common.print0(f"hidden_loss: {'on, (student, teacher) hidden states ' + str(pairs) if pairs else 'off'} "
                   f"(depth cut {1 - n_s / n_t:.0%}, threshold {_HIDDEN_LOSS_DEPTH_CUT:.0%})")
-    return model, pairs
+    return Distiller(student, proj.to(student.device), pairs, loss)
 
 
-def make_optimizer(model, lr: float, plan: dict):
+def make_optimizer(model, lr: float, warmup: int, max_steps: int):
     """AdamW (beta2 _BETA2) and warmup then cosine decay from `lr` to _MIN_LR."""
     from transformers import get_cosine_with_min_lr_schedule_with_warmup
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
                                   betas=(0.9, _BETA2), weight_decay=_WEIGHT_DECAY)
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(
-        optimizer, plan["warmup"], plan["max_steps"], min_lr_rate=_MIN_LR / lr if lr else 0.0)
+        optimizer, warmup, max_steps, min_lr_rate=_MIN_LR / lr if lr else 0.0)
     return optimizer, scheduler
 
 
-def train_step(model, teacher, rows: torch.Tensor, plan: dict, pairs: list, acc, shard: bool,
-               dev: str, cached: dict | None = None, mask: torch.Tensor | None = None) -> dict:
+# ---- data: held-out rows, the schedule, each step's batch ----------------------------------
+
+@dataclasses.dataclass
+class HeldOut:
+    """EVAL_SAMPLES held-out rows, and how many rows and documents of DATASET they take away
+    from training (none when _EVAL_DATASET gives them)."""
+    rows: torch.Tensor
+    skip_rows: int
+    skip_documents: int
+
+
+def held_out_rows(cfg, tokenizer, eval_dataset: str | None, seed: int) -> HeldOut:
+    if not cfg.EVAL_SAMPLES:
+        return HeldOut(torch.empty(0, cfg.SEQ_LEN, dtype=torch.long), 0, 0)
+    position = {"documents": 0, "carry": []}
+    rows = common.calibration_rows(eval_dataset or cfg.DATASET, tokenizer, cfg.EVAL_SAMPLES,
+                                   cfg.SEQ_LEN, seed, position=position, model_knob="STUDENT")
+    return HeldOut(rows, 0, 0) if eval_dataset else HeldOut(rows, len(rows), position["documents"])
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """Sizes derived from the knobs: micro-batches per step, tokens per step, steps, warmup,
+    where this run stops and whether it checkpoints there."""
+    accum: int
+    tokens_per_step: int
+    max_steps: int
+    stop: int
+    warmup: int
+    checkpoint_at_stop: bool = False
+
+
+def schedule(cfg, world: int) -> Schedule:
+    if cfg.GLOBAL_BATCH % (cfg.BATCH_SIZE * world):
+        raise common.UserError(f"GLOBAL_BATCH={cfg.GLOBAL_BATCH} is not a multiple of BATCH_SIZE="
+                               f"{cfg.BATCH_SIZE} x {world} processes")
+    tokens = cfg.GLOBAL_BATCH * cfg.SEQ_LEN
+    steps = cfg.MAX_STEPS or max(1, _TOTAL_TOKENS // tokens)
+    return Schedule(accum=cfg.GLOBAL_BATCH // (cfg.BATCH_SIZE * world), tokens_per_step=tokens,
+                    max_steps=steps, stop=min(steps, _STOP_AT_STEP or steps),
+                    warmup=min(_WARMUP_STEPS, steps // 10))  # past a tenth of a run it wastes it
+
+
+def local_batch(stream, global_batch: int, rank: int, world: int, stack: bool = True):
+    """This process's share of the next global batch (every process reads it all): rows as one
+    tensor, or (`stack` False) a list, e.g. of prompts of different lengths."""
+    items = [next(stream) for _ in range(global_batch)]
+    share = global_batch // world
+    mine = items[rank * share:(rank + 1) * share]
+    return torch.stack(mine) if stack else mine
+
+
+class Batches:
+    """This process's share of every step's batch: ("rows", packed rows of DATASET), or on an
+    on-policy step ("sample", prompts); `position` and `prompt_position` are where the streams
+    stand (saved with each checkpoint, a resumed run continues from them)."""
+
+    def __init__(self, cfg, tokenizer, held: HeldOut, progress: dict | None, rank: int, world: int,
+                 seed: int, prompt_share: float):
+        self.global_batch, self.rank, self.world = cfg.GLOBAL_BATCH, rank, world
+        self.share, self.seed = cfg.ON_POLICY, seed
+        self.position = progress["data"] if progress else common.start_position()
+        self.rows = common.row_stream(cfg.DATASET, tokenizer, cfg.SEQ_LEN, seed, held.skip_rows,
+                                      self.position)  # keeps self.position up to date
+        self.prompt_position, self.prompts = None, None
+        if cfg.ON_POLICY > 0:
+            import on_policy
+            self.prompt_position = dict(progress["prompts"] if progress
+                                        else on_policy.start(held.skip_documents))
+            self.prompts = on_policy.prompt_stream(cfg.DATASET, tokenizer, cfg.SEQ_LEN, seed,
+                                                   self.prompt_position, prompt_share, strict=False)
+
+    def next(self, step: int) -> tuple:
+        """The batch of optimizer step `step` (1-based)."""
+        if self.prompts is not None:
+            import on_policy
+            if on_policy.is_sampled_step(step, self.share, self.seed):
+                return "sample", local_batch(self.prompts, self.global_batch, self.rank,
+                                             self.world, stack=False)
+        return "rows", local_batch(self.rows, self.global_batch, self.rank, self.world)
+
+
+# ---- one optimizer step ---------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Run:
+    """What the training of every student in one invocation shares."""
+    acc: object               # accelerate's Accelerator: the processes
+    device: str               # DEVICE resolved ('cuda' or 'cpu')
+    dtype: torch.dtype        # the teacher's
+    shard: bool               # FSDP
+    schedule: Schedule
+    held: HeldOut
+    loss: LossSettings
+    cache: object = None      # teacher_cache.TeacherCache (None: the live teacher)
+
+    @property
+    def world(self) -> int:
+        return self.acc.num_processes
+
+    @property
+    def rank(self) -> int:
+        return self.acc.process_index
+
+    @property
+    def dev(self) -> str:
+        return str(self.acc.device)
+
+
+@dataclasses.dataclass
+class Parts:
+    """One student's training: its Distiller (`model`, wrapped for DDP or sharded; `inner`, the
+    module itself), the teacher (None when a cache stands in), optimizer, LR schedule and the
+    hidden-state pairs."""
+    model: torch.nn.Module
+    inner: Distiller
+    teacher: object
+    optimizer: object
+    scheduler: object
+    pairs: list
+
+
+def train_step(parts: Parts, run: Run, rows: torch.Tensor, grad_clip: float,
+               cached: dict | None = None, mask: torch.Tensor | None = None) -> dict:
     """One optimizer step's forward and backward over this process's `rows` in micro-batches
-    (gradients clipped, not yet applied): the mean loss, KL, CE, hidden loss and gradient norm
-    over all processes. `cached`: the rows' targets from a teacher cache (then no teacher runs);
-    `mask`: the predictions that carry loss (on-policy rows; None: all)."""
-    micro = rows.view(plan["accum"], -1, rows.shape[-1]).to(dev)
-    masks = (mask.view(plan["accum"], -1, mask.shape[-1]).to(dev) if mask is not None
+    (gradients clipped at `grad_clip`, not yet applied): the mean loss, KL, CE, hidden loss and
+    gradient norm over all processes. `cached`: the rows' targets from a teacher cache (then no
+    teacher runs); `mask`: the predictions that carry loss (on-policy rows; None: all)."""
+    acc, dev, model, pairs = run.acc, run.dev, parts.model, parts.pairs
+    kl_on = parts.inner.loss.kl_weight > 0
+    micro = rows.view(run.schedule.accum, -1, rows.shape[-1]).to(dev)
+    masks = (mask.view(run.schedule.accum, -1, mask.shape[-1]).to(dev) if mask is not None
              else [None] * len(micro))
     weights = [1 / len(micro)] * len(micro)  # of each micro-batch's mean loss
     if mask is not None:  # sampled rows differ in length: every sampled token of the step weighs
@@ -1738,115 +642,406 @@ def train_step(model, teacher, rows: torch.Tensor, plan: dict, pairs: list, acc,
     total = torch.zeros(4, dtype=torch.float64, device=dev)  # loss, kl, ce, hid
     for k, ids in enumerate(micro):
         target, t_states = None, {}
-        if cached is not None and _KL_WEIGHT > 0:
+        if cached is not None and kl_on:
             part = slice(k * len(ids), (k + 1) * len(ids))
             target = ("topk", *(cached[n][part].flatten(0, 1).to(dev) for n in ("ids", "logp", "rest")))
-        elif _KL_WEIGHT > 0 or pairs:
-            with torch.no_grad(), acc.autocast(), hidden_states(teacher, [j for _, j in pairs]) as t_states:
-                t_last = teacher.model(input_ids=ids, use_cache=False).last_hidden_state
-            if _KL_WEIGHT > 0:
-                target = ("logits", t_last[:, :-1].flatten(0, 1), teacher.lm_head.weight)
+        elif kl_on or pairs:
+            at = [j for _, j in pairs]
+            with torch.no_grad(), acc.autocast(), hidden_states(parts.teacher, at) as t_states:
+                t_last = parts.teacher.model(input_ids=ids, use_cache=False).last_hidden_state
+            if kl_on:
+                target = ("logits", t_last[:, :-1].flatten(0, 1), parts.teacher.lm_head.weight)
         # FSDP reduce-scatters every micro-batch's gradients: skipping that would keep whole
         # float32 gradients on every process until the last one
-        sync = acc.no_sync(model) if k < len(micro) - 1 and not shard else contextlib.nullcontext()
+        last = k == len(micro) - 1
+        sync = acc.no_sync(model) if not last and not run.shard else contextlib.nullcontext()
         with sync:
             loss, stats, hid, n_tok = model(ids, target, t_states, masks[k])
             acc.backward(loss * weights[k])
         total += torch.stack([loss.detach().double(), stats[0] / n_tok, stats[1] / n_tok,
                               hid.double()]) * weights[k]
-    if shard:
-        grad = torch.nn.utils.clip_grad_norm_(model.parameters(), _GRAD_CLIP)
+    if run.shard:
+        grad = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         grad = grad.full_tensor() if hasattr(grad, "full_tensor") else grad
     else:
-        grad = acc.clip_grad_norm_(model.parameters(), _GRAD_CLIP)
+        grad = acc.clip_grad_norm_(model.parameters(), grad_clip)
     loss, kl, ce, hid = acc.reduce(total, "mean").tolist()
     return {"loss": loss, "kl": kl, "ce": ce, "hid": hid, "grad": float(grad)}
 
 
-def check_loss(m: dict, step: int, ref_loss: float, root: Path):
-    """Stop on a NaN or an exploding loss (the checkpoints before it are kept)."""
-    if not (math.isfinite(m["loss"]) and math.isfinite(m["grad"])):
-        raise common.UserError(f"loss is {m['loss']}, gradient norm {m['grad']} at step {step}: "
+def check_loss(s: dict, step: int, ref_loss: float, root: Path, factor: float):
+    """Stop on a NaN or a loss above `factor` x the first one (the checkpoints before it are
+    kept)."""
+    if not (math.isfinite(s["loss"]) and math.isfinite(s["grad"])):
+        raise common.UserError(f"loss is {s['loss']}, gradient norm {s['grad']} at step {step}: "
                                f"training diverged; lower LR or check the data (checkpoints: {root})")
-    if m["loss"] > _ABORT_LOSS_FACTOR * max(ref_loss, 1e-2):
-        raise common.UserError(f"loss exploded at step {step}: {m['loss']:.4f} > "
-                               f"{_ABORT_LOSS_FACTOR} x the first step's {ref_loss:.4f}; lower LR "
+    if s["loss"] > factor * max(ref_loss, 1e-2):
+        raise common.UserError(f"loss exploded at step {step}: {s['loss']:.4f} > "
+                               f"{factor} x the first step's {ref_loss:.4f}; lower LR "
                                f"(checkpoints: {root})")
 
 
-def log_line(step: int, plan: dict, m: dict, lr: float, dt: float, pairs: list,
-             sampled: bool = False) -> str:
-    """One step's line; `kl` is DIVERGENCE's value, `sampled` marks an on-policy step."""
-    kl = f"{m['kl']:.4f}" if _KL_WEIGHT else "-"  # not computed
-    hid = f"{m['hid']:.4f}" if pairs else "-"
-    return (f"step {step:>6}/{plan['max_steps']} | loss {m['loss']:.4f} | kl {kl} | "
-            f"ce {m['ce']:.4f} | hid {hid} | lr {lr:.2e} | grad {m['grad']:.3f} | "
-            f"{plan['tokens_per_step'] / dt:,.0f} tok/s | {dt:.2f}s{' | sampled' if sampled else ''}")
-
-
-def held_out(inner, rows: torch.Tensor, teacher, acc, batch_size: int, cache=None) -> dict:
+def held_out(parts: Parts, run: Run, batch_size: int) -> dict:
     """Held-out KL and perplexity of the student (every process under FSDP, else the first),
-    against the live teacher or its `cache`."""
+    against the live teacher or its cache."""
+    rows = run.held.rows
     if not len(rows):
         return {}
-    inner.student.eval()
-    with acc.autocast():
-        m = inner.held_out(rows.to(acc.device), batch_size, teacher, _CHUNK_TOKENS, cache)
-    inner.student.train()
+    cached = run.cache.held_out(rows) if run.cache is not None else None
+    parts.inner.student.eval()
+    with run.acc.autocast():
+        m = parts.inner.held_out(rows.to(run.acc.device), batch_size, parts.teacher, cached)
+    parts.inner.student.train()
     return m
 
 
-def write_output(model, inner, cfg, m: dict, summary: dict, pairs: list, shard: bool, world: int,
-                 out_dir: Path, cache=None):
+# ---- the loop -------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Tally:
+    """Where one student's training stands (what a checkpoint carries: step, tokens, the first
+    loss of each kind of step, the held-out metrics before training) and what this invocation
+    measured (losses, the last held-out metrics, seconds and tokens of its steps)."""
+    step: int = 0
+    tokens: int = 0
+    ref_loss: dict = dataclasses.field(default_factory=dict)
+    start: dict = dataclasses.field(default_factory=dict)
+    losses: list = dataclasses.field(default_factory=list)
+    metrics: dict = dataclasses.field(default_factory=dict)
+    seconds: float = 0.0
+    run_tokens: int = 0
+
+
+def begin(parts: Parts, run: Run, progress: dict | None, batch_size: int) -> Tally:
+    """The tally of a resumed run, or of a new one with the held-out metrics before training
+    (the first process only, unless FSDP needs all)."""
+    if progress:  # a resumed run measures its held-out metrics again at its end
+        return Tally(progress["step"], progress["tokens"], progress["ref_loss"], progress["start"])
+    start = held_out(parts, run, batch_size) if common.is_first_process() or run.shard else {}
+    if start:
+        common.print0(f"teacher: held-out ppl {start['teacher_ppl']:.3f} on {start['tokens']} "
+                      f"tokens (reference)")
+        common.print0(f"eval step {0:>6} | kl {start['kl']:.4f} | ppl {start['student_ppl']:.3f}")
+    return Tally(start=start, metrics=start)
+
+
+def flops_per_token(parts: Parts, run: Run, seq_len: int) -> float:
+    """Training FLOPs per token: the student's forward and backward (3x), and the teacher's
+    forward when it runs; printed with the peak the MFU is measured against."""
+    kl_on = parts.inner.loss.kl_weight > 0
+    t_flops = (costs.forward_flops_per_token(parts.teacher.config, seq_len, lm_head=kl_on)
+               if (kl_on or parts.pairs) and run.cache is None else 0)
+    flops = 3 * costs.forward_flops_per_token(parts.inner.student.config, seq_len) + t_flops
+    peak = costs.peak_tflops(run.dev, _PEAK_TFLOPS)
+    common.print0(f"flops: {flops / 1e9:.3f} GFLOP per token (student forward+backward 3x"
+                  f"{', teacher forward 1x' if t_flops else ', no teacher forward'}); MFU against "
+                  f"{f'{peak:g} TFLOP/s per device' if peak else 'no known peak (_PEAK_TFLOPS)'}")
+    return flops
+
+
+def one_step(parts: Parts, run: Run, batch: tuple, tally: Tally, sampler, root: Path,
+             global_batch: int) -> dict:
+    """Optimizer step tally.step + 1 on `batch` (kind, rows or prompts): sample (on-policy),
+    forward and backward, check the loss, apply the update; the tally moves on."""
+    t0 = time.time()
+    kind, rows = batch
+    mask = None
+    if kind == "sample":  # the student continues the prompts; only its tokens carry loss
+        rows, mask = sampler.sample(parts.inner.student, rows, run.acc)
+    cached = (run.cache.train_rows(tally.step * global_batch + run.rank * len(rows), rows)
+              if run.cache is not None else None)  # this process's rows of the global batch
+    s = train_step(parts, run, rows, _GRAD_CLIP, cached, mask)
+    tally.ref_loss.setdefault(kind, s["loss"])  # sampled rows' losses are on another scale
+    check_loss(s, tally.step + 1, tally.ref_loss[kind], root, _ABORT_LOSS_FACTOR)
+    s["lr"] = parts.scheduler.get_last_lr()[0]
+    parts.optimizer.step()
+    parts.scheduler.step()
+    parts.optimizer.zero_grad(set_to_none=True)
+    s["seconds"], s["sampled"] = time.time() - t0, kind == "sample"
+    tally.step, tally.tokens = tally.step + 1, tally.tokens + run.schedule.tokens_per_step
+    tally.seconds += s["seconds"]
+    tally.run_tokens += run.schedule.tokens_per_step
+    tally.losses.append(s["loss"])
+    return s
+
+
+def log_line(step: int, run: Run, s: dict, pairs: list) -> str:
+    """One step's line; `kl` is DIVERGENCE's value, `sampled` marks an on-policy step."""
+    kl = f"{s['kl']:.4f}" if run.loss.kl_weight else "-"  # not computed
+    hid = f"{s['hid']:.4f}" if pairs else "-"
+    return (f"step {step:>6}/{run.schedule.max_steps} | loss {s['loss']:.4f} | kl {kl} | "
+            f"ce {s['ce']:.4f} | hid {hid} | lr {s['lr']:.2e} | grad {s['grad']:.3f} | "
+            f"{run.schedule.tokens_per_step / s['seconds']:,.0f} tok/s | "
+            f"{s['seconds']:.2f}s{' | sampled' if s['sampled'] else ''}")
+
+
+def progress_of(tally: Tally, run: Run, batches: Batches, settings: dict, m: Models,
+                scheduler) -> dict:
+    """What a checkpoint's progress.json holds (checkpoints.PROGRESS_KEYS)."""
+    return dict(step=tally.step, tokens=tally.tokens, world=run.world, fsdp=run.shard,
+                data=batches.position, prompts=batches.prompt_position, ref_loss=tally.ref_loss,
+                start=tally.start, settings=settings, student=m.student_id, teacher=m.teacher_id,
+                scheduler=scheduler.state_dict())
+
+
+def run_summary(tally: Tally, run: Run, flops_token: float, sampler) -> dict:
+    """The numbers a run reports (print_summary) and records (pare.json)."""
+    tok_s = tally.run_tokens / tally.seconds if tally.run_tokens else 0.0
+    tflops = tok_s * flops_token / run.world / 1e12  # per device
+    peak = costs.peak_tflops(run.dev, _PEAK_TFLOPS)
+    return {"steps": tally.step, "max_steps": run.schedule.max_steps, "tokens": tally.tokens,
+            "losses": tally.losses, "start": tally.start, "final": tally.metrics,
+            "tokens_per_s": tok_s, "tflops_per_device": tflops,
+            "mfu": tflops / peak if peak else None, "peak_memory_gib": costs.peak_memory_gib(run.dev)[0],
+            "sampling": sampler.summary(tally.seconds, run.acc) if sampler else None,
+            "finished": tally.step >= run.schedule.max_steps, "output": None}
+
+
+def train(cfg, m: Models, run: Run, parts: Parts, batches: Batches, first: tuple | None,
+          progress: dict | None, root: Path) -> dict:
+    """The training loop from the checkpoint `progress` (None: the start) to the schedule's
+    stop: steps, log lines, held-out evaluations, checkpoints, and a checkpoint then a stop on
+    the first Ctrl-C or SIGTERM. `first`: the first step's batch, read before the models
+    loaded (so that data errors come first). Returns the run summary."""
+    sched, settings = run.schedule, {**vars(cfg), **common.recipe(globals())}
+    evaluating = common.is_first_process() or run.shard  # under FSDP every process takes part
+    tally = begin(parts, run, progress, cfg.BATCH_SIZE)
+    flops = flops_per_token(parts, run, cfg.SEQ_LEN)
+    sampler = None
+    if cfg.ON_POLICY > 0:
+        import on_policy
+        sampler = on_policy.Sampler.of(m.s_conf, m.tokenizer, cfg.SEQ_LEN, _GEN_TEMPERATURE)
+    bar = tqdm(total=sched.stop, initial=tally.step, desc="distill",
+               disable=not common.is_first_process())
+    with common.stop_requests() as request:
+        while tally.step < sched.stop:
+            batch = first if first is not None else batches.next(tally.step + 1)
+            first = None
+            s = one_step(parts, run, batch, tally, sampler, root, cfg.GLOBAL_BATCH)
+            step = tally.step
+            bar.update(1)
+            if step % _LOG_EVERY == 0 or step == sched.stop:
+                common.print0(log_line(step, run, s, parts.pairs))
+            if len(run.held.rows) and (step % _EVAL_EVERY == 0 or step == sched.stop) and evaluating:
+                tally.metrics = held_out(parts, run, cfg.BATCH_SIZE)
+                common.print0(f"eval step {step:>6} | kl {tally.metrics['kl']:.4f} | ppl "
+                              f"{tally.metrics['student_ppl']:.3f}")
+            stop = request["stop"] and step < sched.max_steps
+            if run.world > 1:  # every process stops at the same step
+                stop = bool(run.acc.reduce(torch.tensor(float(stop), device=run.dev), "sum").item())
+            if stop or (_CHECKPOINT_EVERY and step % _CHECKPOINT_EVERY == 0) or (
+                    step == sched.stop and sched.checkpoint_at_stop):
+                path = checkpoints.save(root, progress_of(tally, run, batches, settings, m,
+                                                          parts.scheduler),
+                                        parts.model, parts.optimizer, run.acc, run.shard,
+                                        _KEEP_CHECKPOINTS)
+            if stop:
+                bar.close()
+                raise common.Interrupted(f"stopped after step {step}: checkpoint {path}; run the "
+                                         f"same command again to resume")
+    bar.close()
+    if not tally.metrics and len(run.held.rows) and evaluating:  # resumed at the last step
+        tally.metrics = held_out(parts, run, cfg.BATCH_SIZE)
+    return run_summary(tally, run, flops, sampler)
+
+
+# ---- one student's run ----------------------------------------------------------------------
+
+def resume_point(cfg, m: Models, root: Path, run: Run) -> tuple:
+    """(the latest checkpoint under `root`, its progress), checked to continue this run; (None,
+    None) at the start."""
+    return checkpoints.latest(root, {**vars(cfg), **common.recipe(globals())}, RESUMABLE,
+                              m.ids(), run.shard, run.world)
+
+
+def build(cfg, m: Models, run: Run, teacher=None) -> Parts:
+    """Load the student (and the teacher, unless given or a cache stands in), build the
+    Distiller, shard it or wrap it for DDP, and make its optimizer and LR schedule."""
+    student, teacher = load_pair(cfg, m, run.dtype, run.dev, run.shard, run.rank, teacher,
+                                 run.cache is not None)
+    pairs = hidden_loss_pairs(m, teacher, _HIDDEN_LOSS_LAYERS, _HIDDEN_LOSS_DEPTH_CUT)
+    model = build_distiller(student, teacher, m, run.loss, pairs)
+    if run.shard:
+        import sharding
+        sharding.shard(model, teacher, run.dev, run.world, run.rank, run.device.startswith("cuda"))
+    optimizer, scheduler = make_optimizer(model, cfg.LR, run.schedule.warmup, run.schedule.max_steps)
+    if cfg.ON_POLICY > 0 and run.rank > 0:  # each process samples with its own random numbers (a
+        torch.manual_seed(_SEED + run.rank)  # resumed run restores its saved state instead)
+    if not run.shard:
+        model, optimizer = run.acc.prepare(model, optimizer)
+    inner = model if run.shard else run.acc.unwrap_model(model)
+    return Parts(model, inner, teacher, optimizer, scheduler, pairs)
+
+
+def restore(parts: Parts, run: Run, saved: Path, progress: dict):
+    """Weights, optimizer, LR schedule and RNG of checkpoint `saved`."""
+    if run.shard:
+        checkpoints.load_sharded(saved, parts.model, parts.optimizer, run.rank)
+    else:
+        checkpoints.load_state(saved, parts.inner, parts.optimizer, run.rank, run.dev)
+    parts.scheduler.load_state_dict(progress["scheduler"])
+    common.print0(f"resume: {saved} (step {progress['step']}, {progress['tokens']} tokens seen)")
+
+
+def write_output(cfg, m: Models, run: Run, parts: Parts, summary: dict, out_dir: Path):
     """The final HF directory (first process), its pare.json extending the student's."""
-    student = full_student(model, cfg.STUDENT) if shard else (
-        inner.student if common.is_first_process() else None)
+    if run.shard:
+        import sharding
+        student = sharding.full_student(parts.model, cfg.STUDENT)
+    else:
+        student = parts.inner.student if common.is_first_process() else None
     if student is None:
         return
-    record = dict(m["record"]) if m["record"] else {"source_model": m["teacher"]}
-    shape = common.shape_of(m["s_conf"])
+    record = dict(m.record) if m.record else {"source_model": m.teacher}
+    shape = common.shape_of(m.s_conf)
     record.update(stage="distill", versions=common.versions(), lineage=common.lineage(
-        cfg.STUDENT, shape, m["student_id"], "STUDENT"), distill={
+        cfg.STUDENT, shape, m.student_id, "STUDENT"), distill={
         "config": vars(cfg), "recipe": common.recipe(globals()), "student": cfg.STUDENT,
-        "student_fingerprint": m["student_id"], "teacher": m["teacher"],
-        "teacher_fingerprint": m["teacher_id"], "steps": summary["steps"],
-        "tokens_seen": summary["tokens"], "processes": world, "fsdp": shard,
+        "student_fingerprint": m.student_id, "teacher": m.teacher,
+        "teacher_fingerprint": m.teacher_id, "steps": summary["steps"],
+        "tokens_seen": summary["tokens"], "processes": run.world, "fsdp": run.shard,
         "throughput": {k: summary[k] for k in ("tokens_per_s", "tflops_per_device", "mfu",
                                                "peak_memory_gib", "sampling")},
-        "hidden_loss_pairs": pairs, "metrics": {"start": summary["start"], "final": summary["final"]},
-        "teacher_cache": cache and {"path": str(cache.path), **{k: cache.manifest[k] for k in (
-            "topk", "dtype", "rows", "tokenizer")}},
+        "hidden_loss_pairs": parts.pairs,
+        "metrics": {"start": summary["start"], "final": summary["final"]},
+        "teacher_cache": run.cache.summary() if run.cache is not None else None,
         "created": common.now()})
     common.write_checkpoint(student, cfg.STUDENT, out_dir, record,
-                            dtype=common.stored_dtype(m["s_conf"]))
+                            dtype=common.stored_dtype(m.s_conf))
 
 
-def print_summary(s: dict, mem_kind: str):
-    common.print0(f"steps: {s['steps']}/{s['max_steps']}")
-    common.print0(f"tokens: {s['tokens']}")
-    common.print0(f"tokens_per_s: {s['tokens_per_s']:.1f}")  # training steps, all processes
-    common.print0(f"tflops_per_device: {s['tflops_per_device']:.4g}")
-    if s["mfu"] is not None:
-        common.print0(f"mfu: {s['mfu']:.3f}")
-    common.print0(f"peak_memory_gib: {s['peak_memory_gib']:.2f} ({mem_kind}, first process)")
-    if s.get("sampling"):
-        common.print0(f"sampled_steps: {s['sampling']['steps']}")
-        common.print0(f"sampled_tokens_per_s: {s['sampling']['tokens_per_s']:.1f}")
-        common.print0(f"sampling_share: {s['sampling']['share_of_step_time']:.3f}")
-    if s["losses"]:
-        common.print0(f"loss_first: {s['losses'][0]:.4f}")
-        common.print0(f"loss_last: {s['losses'][-1]:.4f}")
-    for name in ("start", "final"):
-        if s[name]:
-            common.print0(f"{name}_kl: {s[name]['kl']:.4f}")
-            common.print0(f"{name}_ppl: {s[name]['student_ppl']:.3f}")
-    if s["start"]:
-        common.print0(f"teacher_ppl: {s['start']['teacher_ppl']:.3f}")
-    common.print0(f"output: {s['output'] or 'none (stopped early; rerun to resume)'}")
+def distill_one(cfg, m: Models, run: Run, root: Path, out_dir: Path, stop: int, teacher=None,
+                always_write: bool = False) -> dict:
+    """One student's run from its latest checkpoint under `root` (none: the start) to step
+    `stop`: check it may resume, read its first batch, load (the teacher too, unless given),
+    build, train, and write `out_dir` when the schedule is done (or `always_write`). Returns
+    the run summary."""
+    run = dataclasses.replace(run, schedule=dataclasses.replace(
+        run.schedule, stop=stop, checkpoint_at_stop=always_write or stop < run.schedule.max_steps))
+    saved, progress = resume_point(cfg, m, root, run)
+    batches = Batches(cfg, m.tokenizer, run.held, progress, run.rank, run.world, _SEED,
+                      _PROMPT_SHARE)
+    step = progress["step"] if progress else 0
+    first = batches.next(step + 1) if step < stop else None  # data errors before any load
+    if teacher is None:
+        costs.print_memory(m.s_conf, None if run.cache else m.t_conf, run.dtype,
+                     run.world if run.shard else 1, run.device)
+    from accelerate.utils import set_seed
+    set_seed(_SEED)
+    t0 = time.time()
+    parts = build(cfg, m, run, teacher)
+    if progress:
+        restore(parts, run, saved, progress)
+    common.print0(f"models: student {cfg.STUDENT} {m.s_conf.architectures} "
+                  f"{m.s_conf.num_hidden_layers} layers, teacher {m.teacher} {m.t_layers} layers"
+                  f"{' (from its cache)' if run.cache else ''}, on {run.dev} ({run.world} "
+                  f"process{'es' if run.world > 1 else ''}), loaded in {time.time() - t0:.1f}s")
+    sched = run.schedule
+    common.print0(f"batch: {cfg.GLOBAL_BATCH} rows x {cfg.SEQ_LEN} tokens = "
+                  f"{sched.tokens_per_step} tokens/step = {run.world} processes x {sched.accum} "
+                  f"micro-batches x {cfg.BATCH_SIZE} rows; {sched.max_steps} steps = "
+                  f"{sched.max_steps * sched.tokens_per_step / 1e6:.2f}M tokens")
+    summary = train(cfg, m, run, parts, batches, first, progress, root)
+    if summary["finished"] or always_write:
+        write_output(cfg, m, run, parts, summary, out_dir)
+        summary["output"] = str(out_dir)
+    run.acc.free_memory()  # the accelerator forgets this student and its optimizer
+    return summary
+
+
+# ---- the options around it: a teacher cache, a selection between students -------------------
+
+def open_teacher_cache(cfg, m: Models, run: Run, n_rows: int):
+    """teacher_cache.py's cache of this run's first `n_rows` training rows and its held-out
+    rows, filled first where it lacks them (the teacher loaded only then)."""
+    import teacher_cache
+    path = Path(cfg.TEACHER_CACHE).expanduser()
+    manifest = teacher_cache.read_manifest(path) or teacher_cache.create(path, teacher_cache.new_manifest(
+        m.teacher, m.teacher_id, m.t_layers, m.tokenizer, m.t_conf.vocab_size, cache_data(cfg),
+        cfg.TOPK, _CACHE_DTYPE, _CACHE_SHARD_ROWS))
+
+    def rows():
+        return common.row_stream(cfg.DATASET, m.tokenizer, cfg.SEQ_LEN, _SEED, run.held.skip_rows,
+                                 common.start_position())
+
+    def teacher(name: str):
+        return load_teacher(name, run.dev, run.dtype)
+    return teacher_cache.prepare(path, manifest, n_rows, rows, run.held.rows, cfg.BATCH_SIZE,
+                                 _CHUNK_TOKENS, run.acc, teacher)
+
+
+def select_then_distill(cfg, runs: list, models: list, run: Run, plan, root: Path,
+                        out_dir: Path) -> dict:
+    """selection.py's funnel between several students, each round's candidates trained by
+    `distill_one` next to one teacher loaded once, then the winner's run."""
+    import selection
+    costs.print_memory(models[0].s_conf, None if run.cache else models[0].t_conf, run.dtype, 1, run.device)
+    teacher = None if run.cache else load_teacher(models[0].teacher, run.dev, run.dtype)
+
+    def train(knobs, m: Models, ckpt_root: Path, out: Path, stop: int, always_write: bool):
+        return distill_one(knobs, m, run, ckpt_root, out, stop, teacher, always_write)
+    return selection.select(cfg, runs, models, plan, run, root, out_dir, train)
+
+
+# ---- the stage ------------------------------------------------------------------------------
+
+def check_recipe():
+    """The recipe constants above are in range (an edit here, not user input)."""
+    assert _TEMPERATURE > 0 and _CHUNK_TOKENS >= 1 and _KEEP_CHECKPOINTS >= 1
+    assert _STOP_AT_STEP is None or _STOP_AT_STEP >= 1
+    assert 0 < _JSD_BETA < 1 and _GEN_TEMPERATURE > 0 and 0 < _PROMPT_SHARE < 1
+    assert _CACHE_DTYPE in ("float16", "bfloat16", "float32") and _CACHE_SHARD_ROWS >= 1
+    assert 0 < _SELECT_KEEP < 1 and _SELECT_GROWTH >= 1
+
+
+def check_knobs(cfg):
+    """Cheap checks on the knobs, and on the recipe constants they meet."""
+    check_recipe()
+    common.at_least(cfg, 1, "BATCH_SIZE", "GLOBAL_BATCH")
+    common.at_least(cfg, 0, "EVAL_SAMPLES")
+    common.at_least(cfg, 2, "SEQ_LEN")  # one next-token prediction per row at least
+    if cfg.LR < 0 or _MIN_LR > cfg.LR:
+        raise common.UserError(f"LR={cfg.LR} must be positive and at least _MIN_LR={_MIN_LR}")
+    if cfg.MAX_STEPS is not None and cfg.MAX_STEPS < 1:
+        raise common.UserError(f"MAX_STEPS must be a positive integer or None, got {cfg.MAX_STEPS}")
+    if _KL_WEIGHT == 0 and _CE_WEIGHT == 0:
+        raise common.UserError("_KL_WEIGHT and _CE_WEIGHT are both 0 in distill.py: nothing to train")
+    if not 0 <= cfg.ON_POLICY <= 1:
+        raise common.UserError(f"ON_POLICY={cfg.ON_POLICY} is the share of on-policy steps: "
+                               f"between 0 and 1")
+    if cfg.DIVERGENCE not in DIVERGENCES:
+        raise common.UserError(f"DIVERGENCE={cfg.DIVERGENCE!r} must be one of {list(DIVERGENCES)}")
+    if cfg.ON_POLICY > 0:
+        import on_policy
+        on_policy.check_knobs(cfg.FSDP, cfg.TEACHER_CACHE, _KL_WEIGHT)
+    if cfg.TEACHER_CACHE is not None:
+        import teacher_cache
+        teacher_cache.check_knobs(cfg.TOPK, cfg.DIVERGENCE, _TEMPERATURE)
+
+
+def check_outputs(cfg, runs: list, models: list) -> tuple:
+    """(OUTPUT, its checkpoint directory, its selection directory or None), each safe to write:
+    never an input (TEACHER_CACHE is read and written: never an input, never inside an output)."""
+    inputs = {"TEACHER": models[0].teacher, "DATASET": cfg.DATASET, "_EVAL_DATASET": _EVAL_DATASET,
+              **{f"STUDENT {c.STUDENT!r}": c.STUDENT for c in runs}}
+    if cfg.TEACHER_CACHE:
+        common.check_output(cfg.TEACHER_CACHE, "TEACHER_CACHE", inputs,
+                            lambda p: common.is_record_of(p, "teacher-cache"))
+        inputs["TEACHER_CACHE"] = cfg.TEACHER_CACHE
+    out_dir = common.check_output(cfg.OUTPUT, "OUTPUT", inputs,
+                                  lambda p: common.is_record_of(p, "distill"))
+    root = common.check_output(f"{cfg.OUTPUT.rstrip('/')}-checkpoints", "OUTPUT's checkpoint "
+                               "directory", inputs, checkpoints.is_root)
+    select_dir = None
+    if len(runs) > 1:
+        import selection
+        select_dir = common.check_output(selection.root(cfg.OUTPUT), "OUTPUT's selection directory",
+                                         inputs, lambda p: common.is_record_of(p, "distill-select"))
+    return out_dir, root, select_dir
 
 
 def start_processes(cfg, device: str):
-    """The Accelerator and how this run is spread: (acc, world, rank, shard)."""
+    """The Accelerator of this run's processes."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
     acc = Accelerator(cpu=device == "cpu",
@@ -1855,221 +1050,97 @@ def start_processes(cfg, device: str):
         raise common.UserError("distill.py shards with FSDP=True (FSDP2, tested), not with "
                                "accelerate's FSDP plugin: launch without --use_fsdp and set "
                                "FSDP=True")
-    world, rank = acc.num_processes, acc.process_index
-    if cfg.FSDP and world < 2:
+    if cfg.FSDP and acc.num_processes < 2:
         raise common.UserError("FSDP=True shards the models over several processes; start them "
                                "with `accelerate launch --num_processes N distill.py FSDP=True`")
-    return acc, world, rank, cfg.FSDP
+    return acc
+
+
+def warn_small_run_traps(cfg, sched: Schedule, device: str):
+    """Settings that run but are almost certainly not what was meant."""
+    if sched.warmup < _WARMUP_STEPS:
+        common.print0(f"schedule: warmup {sched.warmup} steps (_WARMUP_STEPS={_WARMUP_STEPS} "
+                      f"capped at a tenth of the {sched.max_steps} steps)")
+    if device == "cpu" and sched.tokens_per_step > 64 * 1024:
+        common.print0(f"warning: {sched.tokens_per_step:,} tokens per optimizer step "
+                      f"(GLOBAL_BATCH={cfg.GLOBAL_BATCH} x SEQ_LEN={cfg.SEQ_LEN}) on a CPU: at a "
+                      f"few hundred tokens/s each step takes hours; for a trial run lower both")
+
+
+def print_summary(s: dict, mem_kind: str):
+    """The run's `key: value` summary."""
+    lines = [("steps", f"{s['steps']}/{s['max_steps']}"), ("tokens", s["tokens"]),
+             ("tokens_per_s", f"{s['tokens_per_s']:.1f}"),  # training steps, all processes
+             ("tflops_per_device", f"{s['tflops_per_device']:.4g}"),
+             ("mfu", s["mfu"] is not None and f"{s['mfu']:.3f}"),
+             ("peak_memory_gib", f"{s['peak_memory_gib']:.2f} ({mem_kind}, first process)")]
+    if s.get("sampling"):
+        lines += [("sampled_steps", s["sampling"]["steps"]),
+                  ("sampled_tokens_per_s", f"{s['sampling']['tokens_per_s']:.1f}"),
+                  ("sampling_share", f"{s['sampling']['share_of_step_time']:.3f}")]
+    if s["losses"]:
+        lines += [("loss_first", f"{s['losses'][0]:.4f}"), ("loss_last", f"{s['losses'][-1]:.4f}")]
+    for name in ("start", "final"):
+        if s[name]:
+            lines += [(f"{name}_kl", f"{s[name]['kl']:.4f}"),
+                      (f"{name}_ppl", f"{s[name]['student_ppl']:.3f}")]
+    if s["start"]:
+        lines.append(("teacher_ppl", f"{s['start']['teacher_ppl']:.3f}"))
+    lines.append(("output", s["output"] or "none (stopped early; rerun to resume)"))
+    for key, value in lines:
+        if value is not False:
+            common.print0(f"{key}: {value}")
 
 
 def main(argv: list[str]) -> dict:
     cfg = common.configure(globals(), argv)
     check_knobs(cfg)
-    runs = candidates(cfg)  # one run's knobs per student: several when selecting between them
-    ms = [resolve_models(c) for c in runs]
-    check_candidates(runs, ms)
-    inputs = {"TEACHER": ms[0]["teacher"], "DATASET": cfg.DATASET, "_EVAL_DATASET": _EVAL_DATASET,
-              **{f"STUDENT {c.STUDENT!r}": c.STUDENT for c in runs}}
-    if cfg.TEACHER_CACHE:  # read and written: never an input, and never inside an output
-        common.check_output(cfg.TEACHER_CACHE, "TEACHER_CACHE", inputs,
-                            lambda p: common.is_record_of(p, "teacher-cache"))
-        inputs["TEACHER_CACHE"] = cfg.TEACHER_CACHE
-    out_dir = common.check_output(cfg.OUTPUT, "OUTPUT", inputs,
-                                  lambda p: common.is_record_of(p, "distill"))
-    root = common.check_output(f"{cfg.OUTPUT.rstrip('/')}-checkpoints", "OUTPUT's checkpoint "
-                               "directory", inputs, is_checkpoint_root)
-    select_dir = (common.check_output(select_root(cfg), "OUTPUT's selection directory", inputs,
-                                      lambda p: common.is_record_of(p, "distill-select"))
-                  if len(runs) > 1 else None)
+    runs = [cfg]
+    if isinstance(cfg.STUDENT, list):  # several: a selection between them, then the winner
+        import selection
+        runs = selection.candidates(cfg)
+    models = [resolve_models(c) for c in runs]
+    if len(runs) > 1:
+        selection.check_teachers(runs, models)
+    out_dir, root, select_dir = check_outputs(cfg, runs, models)
     device = common.pick_device(cfg.DEVICE)
-    acc, world, rank, shard = start_processes(cfg, device)
-    plan = schedule(cfg, world)
-    rounds = funnel(cfg, plan, len(runs), shard) if select_dir else None
-    warn_small_run_traps(cfg, plan, device)
-    eval_rows, held, held_docs = held_out_rows(cfg, ms[0]["tokenizer"])  # before any model loads
-    env = {"acc": acc, "world": world, "rank": rank, "shard": shard, "plan": plan,
-           "device": device, "dtype": common.pick_dtype(_DTYPE, device), "eval_rows": eval_rows,
-           "held": held, "cache": None, "prompt_start": prompt_start(held_docs)}
+    acc = start_processes(cfg, device)
+    sched = schedule(cfg, acc.num_processes)
+    plan = None
+    if select_dir:
+        funnel = selection.Funnel(_SELECT_KEEP, _SELECT_GROWTH, _SELECT_FLAT)
+        ends = selection.plan_rounds(len(runs), cfg.SELECT_TOKENS, cfg.EVAL_SAMPLES,
+                                     sched.tokens_per_step, sched.max_steps, _STOP_AT_STEP,
+                                     cfg.FSDP, funnel)
+        plan = selection.Plan(ends, funnel, select_dir, selection.settings(
+            vars(cfg), common.recipe(globals()), RESUMABLE, models, ends))
+    warn_small_run_traps(cfg, sched, device)
+    held = held_out_rows(cfg, models[0].tokenizer, _EVAL_DATASET, _SEED)  # before any model loads
+    run = Run(acc, device, common.pick_dtype(_DTYPE, device), cfg.FSDP, sched, held,
+              LossSettings(_TEMPERATURE, _KL_WEIGHT, _CE_WEIGHT, _CHUNK_TOKENS, cfg.DIVERGENCE,
+                           _JSD_BETA))
     if cfg.ON_POLICY > 0:  # sampling settings and the first step's prompts, before any load
-        for m in ms:
-            check_generation(cfg, m["s_conf"], m["tokenizer"])
-        first = prompt_stream(cfg.DATASET, ms[0]["tokenizer"], cfg.SEQ_LEN, _SEED,
-                              dict(env["prompt_start"]))
-        for _ in range(cfg.GLOBAL_BATCH):
-            next(first)
-    if cfg.TEACHER_CACHE:  # the rows of the whole run: the winner's too when selecting
-        if select_dir is None:  # a run that could not resume is refused before the fill
-            latest_progress(cfg, ms[0], root, shard, world)
+        import on_policy
+        for m in models:
+            on_policy.check_inputs(cfg.DATASET, m.s_conf, m.tokenizer, cfg.SEQ_LEN, _SEED,
+                                   on_policy.start(held.skip_documents), cfg.GLOBAL_BATCH,
+                                   _PROMPT_SHARE)
+    if cfg.TEACHER_CACHE:  # the rows of the whole run (the winner's too when selecting)
+        if plan is None:  # a run that could not resume is refused before the fill
+            resume_point(cfg, models[0], root, run)
         else:
-            read_selection(select_dir, cfg, runs, ms, rounds)
-        last = rounds[-1] if rounds and cfg.MAX_STEPS is None else plan["stop"]
-        env["cache"] = prepare_cache(cfg, ms[0], env, last * cfg.GLOBAL_BATCH)
-    if select_dir is None:
-        summary = distill_one(cfg, ms[0], env, root, out_dir, plan["stop"])
+            selection.read_record(plan.select_dir, plan.settings)
+        last = plan.ends[-1] if plan and cfg.MAX_STEPS is None else sched.stop
+        run.cache = open_teacher_cache(cfg, models[0], run, last * cfg.GLOBAL_BATCH)
+    if plan is None:
+        summary = distill_one(cfg, models[0], run, root, out_dir, sched.stop)
     else:
-        summary = select(cfg, runs, ms, env, rounds, select_dir, root, out_dir)
+        summary = select_then_distill(cfg, runs, models, run, plan, root, out_dir)
     acc.wait_for_everyone()
-    if env["cache"]:
-        summary["cache_filled"] = env["cache"].filled
-    print_summary(summary, "cuda allocated" if device.startswith("cuda") else "process RSS")
+    if run.cache is not None:
+        summary["cache_filled"] = run.cache.filled
+    print_summary(summary, costs.peak_memory_gib(device)[1])
     return summary
-
-
-def distill_one(cfg, m: dict, env: dict, root: Path, out_dir: Path, stop: int, teacher=None,
-                always_write: bool = False) -> dict:
-    """One student's run from its latest checkpoint under `root` (none: the start) to step
-    `stop` of env["plan"]: check it may resume, read its first batch, load (the teacher too,
-    unless given), build, train, and write `out_dir` when the schedule is done (or
-    `always_write`). Returns the run summary."""
-    acc, world, rank, shard = env["acc"], env["world"], env["rank"], env["shard"]
-    plan = dict(env["plan"], stop=stop, checkpoint_at_stop=always_write or stop < env["plan"]["max_steps"])
-    saved, progress = latest_progress(cfg, m, root, shard, world)
-    data = {"eval_rows": env["eval_rows"],
-            "position": progress["data"] if progress else start_position()}
-    data["stream"] = row_stream(cfg.DATASET, m["tokenizer"], cfg.SEQ_LEN, _SEED, env["held"],
-                                data["position"])  # keeps data["position"] up to date
-    data["prompt_position"] = dict((progress or {}).get("prompts") or env["prompt_start"])
-    data["prompts"] = (prompt_stream(cfg.DATASET, m["tokenizer"], cfg.SEQ_LEN, _SEED,
-                                     data["prompt_position"], strict=False)
-                       if cfg.ON_POLICY > 0 else None)
-    step = progress["step"] if progress else 0
-    data["first"] = next_batch(cfg, data, step + 1, rank, world) if step < stop else None
-
-    if teacher is None:
-        print_memory(m["s_conf"], None if env["cache"] else m["t_conf"], env["dtype"],
-                     world if shard else 1, env["device"])
-    from accelerate.utils import set_seed
-    set_seed(_SEED)
-    t0 = time.time()
-    student, teacher = load_pair(cfg, m["teacher"], (m["s_conf"], m["t_conf"]), env["dtype"],
-                                 str(acc.device), shard, rank, teacher, env["cache"] is not None)
-    model, pairs = build_distiller(student, teacher, m, str(acc.device), shard, world, rank,
-                                   env["device"].startswith("cuda"), cfg.DIVERGENCE)
-    optimizer, scheduler = make_optimizer(model, cfg.LR, plan)
-    if cfg.ON_POLICY > 0 and rank > 0:  # each process samples with its own random numbers (a
-        torch.manual_seed(_SEED + rank)  # resumed run restores its saved state below instead)
-    if not shard:
-        model, optimizer = acc.prepare(model, optimizer)
-    if progress:
-        (load_sharded(saved[-1], model, optimizer, rank) if shard else
-         load_state(saved[-1], acc.unwrap_model(model), optimizer, rank, str(acc.device)))
-        scheduler.load_state_dict(progress["scheduler"])
-        common.print0(f"resume: {saved[-1]} (step {step}, {progress['tokens']} tokens seen)")
-    common.print0(f"models: student {cfg.STUDENT} {m['s_conf'].architectures} "
-                  f"{m['s_conf'].num_hidden_layers} layers, teacher {m['teacher']} "
-                  f"{m['t_layers']} layers{' (from its cache)' if env['cache'] else ''}, on "
-                  f"{acc.device} ({world} "
-                  f"process{'es' if world > 1 else ''}), loaded in {time.time() - t0:.1f}s")
-    common.print0(f"batch: {cfg.GLOBAL_BATCH} rows x {cfg.SEQ_LEN} tokens = "
-                  f"{plan['tokens_per_step']} tokens/step = {world} processes x {plan['accum']} "
-                  f"micro-batches x {cfg.BATCH_SIZE} rows; {plan['max_steps']} steps = "
-                  f"{plan['max_steps'] * plan['tokens_per_step'] / 1e6:.2f}M tokens")
-    summary = train(cfg, model, teacher, optimizer, scheduler, acc, data, plan, pairs, shard, root,
-                    progress, m, env["cache"])
-    if summary["finished"] or always_write:
-        write_output(model, acc.unwrap_model(model) if not shard else model, cfg, m, summary,
-                     pairs, shard, world, out_dir, env["cache"])
-        summary["output"] = str(out_dir)
-    acc.free_memory()  # the accelerator forgets this student and its optimizer
-    return summary
-
-
-def train(cfg, model, teacher, optimizer, scheduler, acc, data: dict, plan: dict, pairs: list,
-          shard: bool, root: Path, progress: dict | None, m: dict, cache=None) -> dict:
-    """The training loop from the checkpoint `progress` (None: the start) to plan["stop"]:
-    steps, log lines, held-out evaluations, checkpoints, and a checkpoint then a stop on the
-    first Ctrl-C or SIGTERM. `data`: the row stream, its position, the first batch (already read,
-    so that data errors come before loading) and the held-out rows; `m`: resolve_models' result;
-    `cache`: the TeacherCache that replaces `teacher` (None: the live teacher). Returns the run
-    summary."""
-    dev, world, rank = str(acc.device), acc.num_processes, acc.process_index
-    settings = {**vars(cfg), **common.recipe(globals())}
-    eval_rows, first = data["eval_rows"], data["first"]
-    inner = model if shard else acc.unwrap_model(model)
-    evaluating = common.is_first_process() or shard  # under FSDP every process takes part
-    step, tokens = (progress["step"], progress["tokens"]) if progress else (0, 0)
-    ref_loss = progress["ref_loss"] if progress else {}  # the first loss of each kind of step
-    ref_loss = {"rows": ref_loss} if isinstance(ref_loss, float) else ref_loss  # older checkpoints
-    start = progress["start"] if progress else {}
-    if not progress and evaluating:
-        start = held_out(inner, eval_rows, teacher, acc, cfg.BATCH_SIZE, cache)
-        if start:
-            common.print0(f"teacher: held-out ppl {start['teacher_ppl']:.3f} on {start['tokens']} "
-                          f"tokens (reference)")
-            common.print0(f"eval step {0:>6} | kl {start['kl']:.4f} | ppl {start['student_ppl']:.3f}")
-    peak = peak_tflops(dev, _PEAK_TFLOPS)
-    t_flops = (forward_flops_per_token(teacher.config, cfg.SEQ_LEN, lm_head=_KL_WEIGHT > 0)
-               if (_KL_WEIGHT > 0 or pairs) and cache is None else 0)
-    flops_token = 3 * forward_flops_per_token(inner.student.config, cfg.SEQ_LEN) + t_flops
-    common.print0(f"flops: {flops_token / 1e9:.3f} GFLOP per token (student forward+backward 3x"
-                  f"{', teacher forward 1x' if t_flops else ', no teacher forward'}); MFU against "
-                  f"{f'{peak:g} TFLOP/s per device' if peak else 'no known peak (_PEAK_TFLOPS)'}")
-
-    # the held-out metrics of the last step: at step 0 the start's; a resumed run measures again
-    losses, metrics, t_train, tok_run = [], start if step == 0 else {}, 0.0, 0
-    eos = end_tokens(m["s_conf"], m["tokenizer"])
-    pad = m["tokenizer"].pad_token_id if m["tokenizer"].pad_token_id is not None else eos[0]
-    sampling = {"seconds": 0.0, "tokens": 0, "steps": 0}  # this process's on-policy sampling
-    bar = tqdm(total=plan["stop"], initial=step, desc="distill", disable=not common.is_first_process())
-    with stop_requests() as request:
-        while step < plan["stop"]:
-            t0 = time.time()
-            kind, rows = first if first is not None else next_batch(cfg, data, step + 1, rank, world)
-            first, mask = None, None
-            if kind == "sample":  # the student continues the prompts; only its tokens carry loss
-                t_sample = time.time()
-                rows, mask, n = sample_rows(inner.student, rows, cfg.SEQ_LEN, eos, pad, acc)
-                sampling["seconds"] += time.time() - t_sample
-                sampling["tokens"], sampling["steps"] = sampling["tokens"] + n, sampling["steps"] + 1
-            cached = (cache.train_rows(step * cfg.GLOBAL_BATCH + rank * len(rows), rows)
-                      if cache is not None else None)  # this process's rows of the global batch
-            s = train_step(model, teacher, rows, plan, pairs, acc, shard, dev, cached, mask)
-            ref_loss.setdefault(kind, s["loss"])  # sampled rows' losses are on another scale
-            check_loss(s, step + 1, ref_loss[kind], root)
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step, tokens = step + 1, tokens + plan["tokens_per_step"]
-            dt = time.time() - t0
-            t_train, tok_run = t_train + dt, tok_run + plan["tokens_per_step"]
-            losses.append(s["loss"])
-            bar.update(1)
-            if step % _LOG_EVERY == 0 or step == plan["stop"]:
-                common.print0(log_line(step, plan, s, lr, dt, pairs, kind == "sample"))
-            if len(eval_rows) and (step % _EVAL_EVERY == 0 or step == plan["stop"]) and evaluating:
-                metrics = held_out(inner, eval_rows, teacher, acc, cfg.BATCH_SIZE, cache)
-                common.print0(f"eval step {step:>6} | kl {metrics['kl']:.4f} | ppl "
-                              f"{metrics['student_ppl']:.3f}")
-            stop = request["stop"] and step < plan["max_steps"]
-            if world > 1:  # every process stops at the same step
-                stop = bool(acc.reduce(torch.tensor(float(stop), device=dev), "sum").item())
-            if stop or (_CHECKPOINT_EVERY and step % _CHECKPOINT_EVERY == 0) or (
-                    step == plan["stop"] and plan["checkpoint_at_stop"]):
-                path = save_checkpoint(root, step, model, optimizer, acc, shard, dict(
-                    step=step, tokens=tokens, world=world, fsdp=shard, data=data["position"],
-                    prompts=data["prompt_position"],
-                    ref_loss=ref_loss, start=start, settings=settings, student=m["student_id"],
-                    teacher=m["teacher_id"], scheduler=scheduler.state_dict()))
-            if stop:
-                bar.close()
-                raise common.Interrupted(f"stopped after step {step}: checkpoint {path}; run the "
-                                         f"same command again to resume")
-    bar.close()
-    if not metrics and len(eval_rows) and evaluating:  # resumed at the last step: nothing ran
-        metrics = held_out(inner, eval_rows, teacher, acc, cfg.BATCH_SIZE, cache)
-    tok_s = tok_run / t_train if tok_run else 0.0
-    tflops = tok_s * flops_token / world / 1e12  # per device
-    sampled = None
-    if cfg.ON_POLICY > 0:  # sampled tokens of all processes per second of sampling
-        n = acc.reduce(torch.tensor(float(sampling["tokens"]), device=dev), "sum").item()
-        sampled = {"steps": sampling["steps"], "tokens": n,
-                   "tokens_per_s": n / sampling["seconds"] if sampling["seconds"] else 0.0,
-                   "share_of_step_time": sampling["seconds"] / t_train if t_train else 0.0}
-    return {"steps": step, "max_steps": plan["max_steps"], "tokens": tokens, "losses": losses,
-            "start": start, "final": metrics, "tokens_per_s": tok_s, "tflops_per_device": tflops,
-            "mfu": tflops / peak if peak else None, "peak_memory_gib": peak_memory_gib(dev)[0],
-            "sampling": sampled, "finished": step >= plan["max_steps"], "output": None}
 
 
 if __name__ == "__main__":

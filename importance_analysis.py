@@ -68,6 +68,17 @@ def one_minus_cos(h_in: torch.Tensor, h_out: torch.Tensor) -> torch.Tensor:
     return 1 - torch.linalg.vecdot(x, y) / norms.clamp(min=1e-8)
 
 
+def add_gram(gram: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None, chunk: int = 8192):
+    """gram += X^T X over the real tokens of x ([B, T, C]), in float32, `chunk` tokens at a
+    time (the float32 copy of a chunk is the only extra memory)."""
+    flat = x.flatten(0, 1)
+    if mask is not None:
+        flat = flat[mask.flatten().to(flat.device).bool()]
+    for i in range(0, len(flat), chunk):
+        c = flat[i:i + chunk].float()
+        gram += (c.T @ c).to(gram.device)
+
+
 class Stats:
     """Fixed-size float32 buffers of sums of squared row means, filled by forward hooks.
 
@@ -101,17 +112,6 @@ class Stats:
             if self.mask is not None:
                 d = d * self.mask[b:b + step].to(d.device)
             self.bi_sum[layer] += d.sum().to(self.bi_sum.device)
-
-
-def add_gram(gram: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None, chunk: int = 8192):
-    """gram += X^T X over the real tokens of x ([B, T, C]), in float32, `chunk` tokens at a
-    time (the float32 copy of a chunk is the only extra memory)."""
-    flat = x.flatten(0, 1)
-    if mask is not None:
-        flat = flat[mask.flatten().to(flat.device).bool()]
-    for i in range(0, len(flat), chunk):
-        c = flat[i:i + chunk].float()
-        gram += (c.T @ c).to(gram.device)
 
 
 def gram_buffers(config, device: torch.device) -> tuple[dict, str]:
@@ -317,11 +317,6 @@ def same_run(a: dict, b: dict) -> bool:
     return all(a.get(k) == b.get(k) for k in keys) and config(a) == config(b)
 
 
-def write_scores(path: Path, scores: dict):
-    """The scores file (a torch file, `torch.load(path, weights_only=True)`), written atomically."""
-    common.write_atomic(path, lambda tmp: torch.save(scores, tmp), is_scores_file)
-
-
 def is_scores_file(path: Path) -> bool:
     """Whether `path` is a scores file (complete or partial) this script wrote: it may be replaced."""
     try:
@@ -330,9 +325,29 @@ def is_scores_file(path: Path) -> bool:
         return False
 
 
+def write_scores(path: Path, scores: dict):
+    """The scores file (a torch file, `torch.load(path, weights_only=True)`), written atomically."""
+    common.write_atomic(path, lambda tmp: torch.save(scores, tmp), is_scores_file)
+
+
 def gram_path(out_path: Path) -> Path:
     """Where the repair statistics go: next to the scores (out/scores.pt -> out/scores.gram.safetensors)."""
     return out_path.with_name(out_path.stem + ".gram.safetensors")
+
+
+def partial_path(out_path: Path) -> Path:
+    """Where the scoring pass waits until the run ends (out/scores.pt -> out/scores.pt.partial)."""
+    return out_path.with_name(out_path.name + ".partial")
+
+
+def is_gram_file(path: Path) -> bool:
+    """Whether `path` is a Gram file this script wrote (it may be replaced)."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), "pt") as f:
+            return (f.metadata() or {}).get("stage") == "importance"
+    except Exception:  # anything unreadable is not ours
+        return False
 
 
 def write_grams(path: Path, grams: dict, tokens: int) -> dict:
@@ -344,16 +359,6 @@ def write_grams(path: Path, grams: dict, tokens: int) -> dict:
     common.write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata={
         "stage": "importance", "tokens": str(tokens)}), is_gram_file)
     return {"file": path.name, "tokens": tokens}
-
-
-def is_gram_file(path: Path) -> bool:
-    """Whether `path` is a Gram file this script wrote (it may be replaced)."""
-    from safetensors import safe_open
-    try:
-        with safe_open(str(path), "pt") as f:
-            return (f.metadata() or {}).get("stage") == "importance"
-    except Exception:  # anything unreadable is not ours
-        return False
 
 
 def scoring_pass(model, family, calib: torch.Tensor, batch_size: int, meta: dict, out_path: Path
@@ -372,10 +377,6 @@ def scoring_pass(model, family, calib: torch.Tensor, batch_size: int, meta: dict
         common.remove(gram_path(out_path))
         raise
     return scores
-
-
-def partial_path(out_path: Path) -> Path:
-    return out_path.with_name(out_path.name + ".partial")
 
 
 def load_partial(path: Path, meta: dict) -> dict | None:

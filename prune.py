@@ -16,13 +16,11 @@ rows the scores used) and the best SAVE_TOP written as OUTPUT, OUTPUT-2, ...; TA
 first keeps the shapes whose decode, timed on this device, is that much faster.
 """
 
-import inspect
 import itertools
-import json
 import math
-import platform
-import statistics
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -129,16 +127,16 @@ def check_scores(scores: dict, path: str, config, model: str, model_id: str):
     """The scores were made from this model: same shapes, same content (by fingerprint; the
     same model moved or copied is accepted, other weights at the same path are not)."""
     meta = scores["meta"]
-    want = {**common.shape_of(config), "vocab_size": config.vocab_size}
-    got = {k: meta["shape"].get(k) for k in want}
-    if got != want:
-        diff = ", ".join(f"{k} {got[k]} vs {want[k]}" for k in want if got[k] != want[k])
+    changed = common.changed_settings(meta["shape"], {**common.shape_of(config),
+                                                      "vocab_size": config.vocab_size})
+    if changed:
+        diff = ", ".join(f"{k} {saved} vs {now}" for k, (saved, now) in changed.items())
         raise common.UserError(f"SCORES={path!r} does not match MODEL={model!r}: {diff}")
     n, f, h = config.num_hidden_layers, config.intermediate_size, config.num_attention_heads
     if (tuple(scores["mlp"].shape) != (n, f) or tuple(scores["attention"].shape) != (n, h)
             or scores["attn_ln"].numel() != config.hidden_size):
         raise common.UserError(f"SCORES={path!r} has tensors of the wrong shape for MODEL")
-    if not common.same_model(meta["fingerprint"], model, model_id):
+    if meta["fingerprint"] != model_id:
         raise common.UserError(f"SCORES={path!r} was made from MODEL={meta['model']!r} with other "
                                f"weights than {model!r} holds now (fingerprint {meta['fingerprint']}"
                                f" vs {model_id}); rerun importance_analysis.py on this model")
@@ -233,6 +231,26 @@ def output_paths(cfg, inputs: dict) -> list[Path]:
     names = [cfg.OUTPUT] + [f"{cfg.OUTPUT.rstrip('/')}-{r}" for r in range(2, cfg.SAVE_TOP + 1)]
     return [common.check_output(n, "OUTPUT", inputs, lambda p: common.is_record_of(p, "prune"))
             for n in names]
+
+
+def held_out_rows(cfg, tokenizer, meta: dict) -> torch.Tensor:
+    """NUM_SAMPLES rows of DATASET, after the tokens importance_analysis.py used if it is the
+    same data in the same order (same DATASET and seed)."""
+    skip_tokens = 0
+    if meta["config"].get("DATASET") == cfg.DATASET and meta["recipe"].get("_SEED") == _SEED:
+        skip_tokens = (meta["num_samples"] + meta["loss_samples"]) * meta["config"]["SEQ_LEN"]
+    skip = math.ceil(skip_tokens / cfg.SEQ_LEN)
+    try:
+        rows = common.calibration_rows(cfg.DATASET, tokenizer, cfg.NUM_SAMPLES, cfg.SEQ_LEN, _SEED,
+                                       skip_rows=skip)
+    except common.UserError as e:
+        raise common.UserError(f"{e} (the {skip_tokens} tokens importance_analysis.py used are "
+                               f"not held out); use other held-out data") from None
+    if len(rows) < cfg.NUM_SAMPLES:
+        print(f"warning: only {len(rows)} held-out rows, fewer than NUM_SAMPLES={cfg.NUM_SAMPLES}")
+    print(f"held-out: {len(rows)} rows x {cfg.SEQ_LEN} tokens"
+          + (f", after the {skip_tokens} tokens used for the scores" if skip_tokens else ""))
+    return rows
 
 
 # ---- parameter counts -----------------------------------------------------------------------
@@ -342,6 +360,15 @@ def head_output_norms(o_w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Frobenius norm of each head's block of o_proj columns: how much the head's output can
     move the residual stream per unit of activation."""
     return o_w.float().view(o_w.shape[0], n_heads, -1).norm(dim=(0, 2))
+
+
+def layer_weights(model, family: common.Family):
+    """A function giving layer i's (k_proj, v_proj, k_norm gains or None, o_proj) weights."""
+    def get(i):
+        a = model.model.layers[i].self_attn
+        return (a.k_proj.weight, a.v_proj.weight, (a.k_norm.weight if family.qk_norm else None),
+                a.o_proj.weight)
+    return get
 
 
 def make_plan(scores: dict, src: dict, shape: dict, layers: list[int], layer_weights,
@@ -501,44 +528,6 @@ def block_costs(model, rows, batch_size, droppable: list[int], n_drop: int) -> d
             for r in tqdm(runs, desc=f"block cost ({n_drop} layers)")}
 
 
-def layer_weights(model, family: common.Family):
-    """A function giving layer i's (k_proj, v_proj, k_norm gains or None, o_proj) weights."""
-    def get(i):
-        a = model.model.layers[i].self_attn
-        return (a.k_proj.weight, a.v_proj.weight, (a.k_norm.weight if family.qk_norm else None),
-                a.o_proj.weight)
-    return get
-
-
-def prune_one(model, scores: dict, shape: dict, layers: list[int], dtype: torch.dtype,
-              grouping: str = "similarity", head_score: str = "activation",
-              norm_correction: bool = True, state: dict | None = None, grams=None,
-              damping: float = 1e-3, select: bool = True, memo: dict | None = None) -> tuple:
-    """(pruned model, plan): `model` cut to `shape` keeping source layers `layers`, the units
-    chosen by `scores`, the sliced weights loaded strictly into a fresh model of the pruned
-    config (saved dtype `dtype`). `state`: `model.state_dict()` when the caller has it.
-    `grams(key, layer)` (see open_grams): repair the matrices reading pruned neurons and heads;
-    the plan then holds the repair's relative output errors (before, after) per matrix kind.
-    With `select` the MLP neurons cut are the ones the repair compensates best (repair_choice;
-    `memo`, a dict kept across calls on the same model, saves recomputing a layer's choice)."""
-    config = model.config
-    src = common.shape_of(config)
-    plan = make_plan(scores, src, shape, layers, layer_weights(model, common.family_of(config)),
-                     grouping, head_score)
-    state = model.state_dict() if state is None else state
-    with torch.no_grad():
-        if grams is not None and select and shape["intermediate_size"] < src["intermediate_size"]:
-            memo = {} if memo is None else memo
-            plan["ffn"] = [repair_choice(state, grams, i, shape["intermediate_size"], damping, memo)
-                           or by_score for i, by_score in zip(layers, plan["ffn"])]
-        sliced = slice_state_dict(state, plan, src, norm_correction)
-        if grams is not None:
-            plan["repair"] = repair(sliced, state, plan, src, grams, damping)
-    new_config = pruned_config(config, shape, layers, dtype)
-    device = str(common.input_device(model))
-    return build_model(new_config, sliced, device, model.dtype), plan
-
-
 # ---- repair: least-squares refit of what reads the pruned channels --------------------------
 
 def refit(w: torch.Tensor, gram: torch.Tensor, kept: list[int], damping: float) -> tuple:
@@ -598,13 +587,13 @@ def surgeon_keep(w: torch.Tensor, gram: torch.Tensor, n_keep: int, damping: floa
     return alive.nonzero().flatten().tolist()
 
 
-def repair_choice(state: dict, grams, layer: int, n_keep: int, damping: float,
+def repair_choice(state: dict, grams, layer: int, n_keep: int, damping: float, rounds: int,
                   memo: dict) -> list[int] | None:
     """Layer `layer`'s kept MLP neurons for the repair (surgeon_keep on its down_proj), memoised
     in `memo`; None (keep the activation ranking's) when the Gram cannot be factored."""
     if (layer, n_keep) not in memo:
         memo[layer, n_keep] = surgeon_keep(state[f"model.layers.{layer}.mlp.down_proj.weight"],
-                                           grams("mlp", layer), n_keep, damping, _REPAIR_ROUNDS)
+                                           grams("mlp", layer), n_keep, damping, rounds)
     return memo[layer, n_keep]
 
 
@@ -648,7 +637,51 @@ def open_grams(scores_path: str, meta: dict):
     return grams
 
 
-# ---- budget search --------------------------------------------------------------------------
+# ---- one candidate: plan, slice, repair, build ----------------------------------------------
+
+@dataclass
+class Cut:
+    """How prune_one chooses, slices and repairs: main fills it from the recipe constants (the
+    defaults are their values). With `grams(key, layer)` (open_grams) the matrices reading
+    pruned neurons and heads are refit; with `select` too, the MLP neurons cut are the ones the
+    refit compensates best, chosen once per (layer, width) and kept in `memo`."""
+    grouping: str = "similarity"          # _GQA_GROUPING
+    head_score: str = "activation"        # _HEAD_SCORE
+    norm_correction: bool = True          # _NORM_CORRECTION
+    grams: Callable | None = None         # the repair's statistics; None: slicing only
+    damping: float = 1e-3                 # _REPAIR_DAMPING
+    select: bool = True                   # _REPAIR_SELECT
+    rounds: int = 64                      # _REPAIR_ROUNDS
+    memo: dict = field(default_factory=dict)  # shared by candidates of one width and rebuilds
+
+
+def prune_one(model, scores: dict, shape: dict, layers: list[int], dtype: torch.dtype, cut: Cut,
+              state: dict | None = None) -> tuple:
+    """(pruned model, plan): `model` cut to `shape` keeping source layers `layers`, the units
+    chosen by `scores` as `cut` says, the sliced weights loaded strictly into a fresh model of
+    the pruned config (saved dtype `dtype`). `state`: `model.state_dict()` when the caller has
+    it. With the repair the plan holds its relative output errors (before, after) per matrix
+    kind."""
+    config = model.config
+    src = common.shape_of(config)
+    plan = make_plan(scores, src, shape, layers, layer_weights(model, common.family_of(config)),
+                     cut.grouping, cut.head_score)
+    state = model.state_dict() if state is None else state
+    with torch.no_grad():
+        n_ffn = shape["intermediate_size"]
+        if cut.grams is not None and cut.select and n_ffn < src["intermediate_size"]:
+            plan["ffn"] = [repair_choice(state, cut.grams, i, n_ffn, cut.damping, cut.rounds,
+                                         cut.memo) or by_score
+                           for i, by_score in zip(layers, plan["ffn"])]
+        sliced = slice_state_dict(state, plan, src, cut.norm_correction)
+        if cut.grams is not None:
+            plan["repair"] = repair(sliced, state, plan, src, cut.grams, cut.damping)
+    new_config = pruned_config(config, shape, layers, dtype)
+    device = str(common.input_device(model))
+    return build_model(new_config, sliced, device, model.dtype), plan
+
+
+# ---- search: a parameter budget or a speed-up -----------------------------------------------
 
 def grid(src_value: int, step: int, min_keep: float) -> list[int]:
     """The source value and every multiple of `step` below it down to min_keep * source."""
@@ -656,18 +689,21 @@ def grid(src_value: int, step: int, min_keep: float) -> list[int]:
     return [src_value] + [m * step for m in range((src_value - 1) // step, 0, -1) if m * step >= lo]
 
 
-def grid_shapes(src: dict, config, droppable: int, depth: bool, heads: bool) -> list[dict]:
-    """Every shape on the recipe's grids (with its parameter count), largest first. `depth` /
-    `heads`: also fewer layers / query heads."""
-    head_grid = ([h for h in grid(src["num_attention_heads"], 1, _MIN_KEEP)
+def grid_shapes(src: dict, config, droppable: int, depth: bool, heads: bool, steps: tuple,
+                min_keep: float) -> list[dict]:
+    """Every shape on the recipe's grids (with its parameter count), largest first: hidden, ffn
+    and layers by `steps` (the recipe's _HIDDEN_STEP, _FFN_STEP, _LAYER_STEP), each axis kept
+    to at least `min_keep` of the source's. `depth` / `heads`: also fewer layers / query heads."""
+    hidden_step, ffn_step, layer_step = steps
+    head_grid = ([h for h in grid(src["num_attention_heads"], 1, min_keep)
                   if h % src["num_key_value_heads"] == 0] if heads
                  else [src["num_attention_heads"]])
     n = src["num_hidden_layers"]
-    layer_grid = ([k for k in range(n, 0, -_LAYER_STEP) if k >= _MIN_KEEP * n and n - k <= droppable]
+    layer_grid = ([k for k in range(n, 0, -layer_step) if k >= min_keep * n and n - k <= droppable]
                   if depth else [n])
     shapes = []
-    for h, f, nh, k in itertools.product(grid(src["hidden_size"], _HIDDEN_STEP, _MIN_KEEP),
-                                         grid(src["intermediate_size"], _FFN_STEP, _MIN_KEEP),
+    for h, f, nh, k in itertools.product(grid(src["hidden_size"], hidden_step, min_keep),
+                                         grid(src["intermediate_size"], ffn_step, min_keep),
                                          head_grid, layer_grid):
         shape = {**src, "hidden_size": h, "intermediate_size": f, "num_attention_heads": nh,
                  "num_hidden_layers": k}
@@ -684,23 +720,6 @@ def spread(window: list, k: int) -> list:
                                        for i in range(k)})]
 
 
-def candidate_shapes(budget: float, src: dict, config, droppable: int, depth: bool,
-                     heads: bool) -> tuple[list[dict], list[dict]]:
-    """(all shapes on the recipe's grids within _BUDGET_TOLERANCE under `budget`, sorted by
-    size; the _NUM_CANDIDATES of them spread evenly over that window)."""
-    window = [s for s in grid_shapes(src, config, droppable, depth, heads)
-              if budget * (1 - _BUDGET_TOLERANCE) <= s["params"] <= budget]
-    return window, spread(window, _NUM_CANDIDATES)
-
-
-# ---- latency --------------------------------------------------------------------------------
-
-def workload() -> dict:
-    return {"prompt": _LATENCY_PROMPT, "new_tokens": _LATENCY_NEW_TOKENS,
-            "batches": list(_LATENCY_BATCHES), "warmup": _LATENCY_WARMUP,
-            "repeats": _LATENCY_REPEATS}
-
-
 def latency_config(config, shape: dict, protected: set[int]):
     """The config a candidate of `shape` would get, for timing: the layers it drops are taken
     from the unprotected ones (which ones does not change the time, only how many of each
@@ -711,172 +730,11 @@ def latency_config(config, shape: dict, protected: set[int]):
     return pruned_config(config, shape, [i for i in range(n) if i not in dropped], torch.float32)
 
 
-def measure_latency(config, device: str, dtype: torch.dtype, work: dict) -> dict:
-    """Milliseconds of the workload on a model of `config` with random weights: one prefill
-    forward of work["prompt"] tokens (only the last position's logits, as a server computes)
-    and work["new_tokens"] greedy decode steps with the KV cache, per batch size; the median of
-    the timed repeats, CUDA synchronised. The one place that times a shape: an engine-specific
-    measurement (e.g. vLLM's) would replace this function.
-    Returns {"prefill_ms": {batch: ms}, "decode_ms": {batch: ms per token}}."""
-    from transformers import AutoModelForCausalLM
-    from transformers.initialization import no_init_weights
-    torch.manual_seed(0)
-    with torch.device(device), no_init_weights():  # transformers' init is slow; values do not matter
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
-    with torch.no_grad():  # finite values like a trained model's: matrices small, norm gains 1
-        for t in model.parameters():
-            t.normal_(0, 0.02) if t.dim() > 1 else t.fill_(1.0)
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    # the KV cache's name: `cache` from transformers 5.2x, `past_key_values` before
-    cache = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    out = {"prefill_ms": {}, "decode_ms": {}}
-    for b in work["batches"]:
-        ids = torch.randint(config.vocab_size, (b, work["prompt"]), device=device)
-
-        def once():
-            with torch.no_grad():
-                sync()
-                t0 = time.perf_counter()
-                o = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-                sync()
-                t1 = time.perf_counter()
-                for _ in range(work["new_tokens"]):
-                    nxt = o.logits[:, -1:].argmax(-1)
-                    o = model(input_ids=nxt, use_cache=True, **{cache: getattr(o, cache)})
-                sync()
-                return t1 - t0, (time.perf_counter() - t1) / max(work["new_tokens"], 1)
-        for _ in range(work["warmup"]):
-            once()
-        runs = [once() for _ in range(work["repeats"])]
-        out["prefill_ms"][str(b)] = 1e3 * statistics.median(r[0] for r in runs)
-        out["decode_ms"][str(b)] = 1e3 * statistics.median(r[1] for r in runs)
-    return out
-
-
-def device_name(device: str) -> str:
-    """The GPU's name, or the CPU's model, instruction set torch uses and thread count."""
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    model = platform.processor() or platform.machine()
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        model = next(ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return (f"{model} ({torch.backends.cpu.get_cpu_capability()}), "
-            f"{torch.get_num_threads()} threads")
-
-
-def latency_key(config, device: str, dtype: torch.dtype, work: dict) -> str:
-    """What a measurement depends on: device, dtype, library versions, workload and shape."""
-    c = config.to_dict()
-    arch = {k: c.get(k) for k in ("model_type", "vocab_size", "tie_word_embeddings",
-                                  "sliding_window", "layer_types", *common.SHAPE_KEYS)}
-    return json.dumps({"device": device_name(device), "dtype": str(dtype),
-                       "torch": torch.__version__, "transformers": common.versions()["transformers"],
-                       "workload": work, "shape": arch}, sort_keys=True)
-
-
-def read_latency_cache(path: Path) -> dict:
-    """{key: measurement} of prune.py's latency cache (empty when there is none yet)."""
-    if not path.exists():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-        assert data["stage"] == "latency-cache"
-        return dict(data["entries"])
-    except (ValueError, KeyError, AssertionError, TypeError):
-        raise common.UserError(f"{path} is not prune.py's latency cache; move it away (prune.py "
-                               f"keeps its measurements there, next to OUTPUT)") from None
-
-
-def write_latency_cache(path: Path, entries: dict):
-    text = json.dumps({"stage": "latency-cache", "entries": entries}, indent=1, sort_keys=True)
-    common.write_atomic(path, lambda tmp: tmp.write_text(text + "\n"))
-
-
-def measure_shapes(config, shapes: list[dict], protected: set[int], device: str,
-                   dtype: torch.dtype, cache_path: Path) -> tuple[dict, list[dict]]:
-    """(the source's measurement, one per shape), each from the cache when it holds one; new
-    measurements are added to the cache as they finish."""
-    work, cache = workload(), read_latency_cache(cache_path)
-    todo = [config] + [latency_config(config, s, protected) for s in shapes]
-    keys = [latency_key(c, device, dtype, work) for c in todo]
-    missing = [k for k in dict.fromkeys(keys) if k not in cache]
-    print(f"latency: {len(set(keys))} shapes, {len(set(keys)) - len(missing)} from {cache_path}, "
-          f"measuring {len(missing)} on {device_name(device)} in {dtype}")
-    for c, k in tqdm(list(zip(todo, keys)), desc="latency", disable=not missing):
-        if k not in cache:
-            cache[k] = measure_latency(c, device, dtype, work)
-            write_latency_cache(cache_path, cache)
-    return cache[keys[0]], [cache[k] for k in keys[1:]]
-
-
-def speedup(source: dict, candidate: dict) -> float:
-    """Decode time of the source / the candidate's, at the first batch size."""
-    b = str(_LATENCY_BATCHES[0])
-    return source["decode_ms"][b] / candidate["decode_ms"][b]
-
-
-def frontier(points: list[tuple[float, float]]) -> list[bool]:
-    """Which (speed-up, KL) points no other point beats: as fast or faster with lower or equal
-    KL, better in one of the two."""
-    return [not any(s2 >= s and k2 <= k and (s2 > s or k2 < k) for s2, k2 in points)
-            for s, k in points]
-
-
-def add_latency(results: list[dict], shapes: list[dict], lat: dict):
-    """Each result's measured latency (lat["shapes"] follows `shapes`) and whether it is on the
-    (speed-up, KL) frontier of the ranked candidates."""
-    by_shape = {json.dumps(s, sort_keys=True): m for s, m in zip(shapes, lat["shapes"])}
-    for r in results:
-        r["latency"] = dict(by_shape[json.dumps(r["shape"], sort_keys=True)])
-    on = frontier([(r["latency"]["speedup"], r["metrics"]["kl"]) for r in results])
-    for r, f in zip(results, on):
-        r["latency"]["frontier"] = f
-
-
-def print_latency_table(results: list[dict]):
-    bs = [str(b) for b in _LATENCY_BATCHES]
-    print(f"{'hidden':>7} {'ffn':>6} {'heads':>5} {'layers':>6} {'params':>9} "
-          + " ".join(f"{f'prefill@{b}':>10}" for b in bs) + " "
-          + " ".join(f"{f'decode@{b}':>9}" for b in bs) + f" {'speedup':>7} {'KL':>8} frontier")
-    for r in sorted(results, key=lambda r: -r["latency"]["speedup"]):
-        s, lat = r["shape"], r["latency"]
-        print(f"{s['hidden_size']:>7} {s['intermediate_size']:>6} {s['num_attention_heads']:>5} "
-              f"{s['num_hidden_layers']:>6} {fmt_params(r['params']['total']):>9} "
-              + " ".join(f"{lat['prefill_ms'][b]:>8.2f}ms" for b in bs) + " "
-              + " ".join(f"{lat['decode_ms'][b]:>7.3f}ms" for b in bs)
-              + f" {lat['speedup']:>6.2f}x {r['metrics']['kl']:>8.4f} "
-              f"{'yes' if lat['frontier'] else ''}")
-
-
-def plot_frontier(results: list[dict], target: float, path: Path):
-    """KL against decode speed-up of the ranked candidates: the frontier and the chosen one."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
-    xs = [r["latency"]["speedup"] for r in results]
-    ax.scatter(xs, [r["metrics"]["kl"] for r in results], c="0.6", label="candidates")
-    front = sorted((r["latency"]["speedup"], r["metrics"]["kl"]) for r in results
-                   if r["latency"]["frontier"])
-    ax.plot(*zip(*front), "-o", c="tab:blue", label="frontier")
-    ax.scatter([results[0]["latency"]["speedup"]], [results[0]["metrics"]["kl"]], marker="*",
-               s=200, c="tab:red", zorder=3, label="chosen")
-    ax.axvline(target, ls="--", c="0.4", label=f"target {target:g}x")
-    ax.set_xlabel(f"decode speed-up at batch {_LATENCY_BATCHES[0]} (source / candidate)")
-    ax.set_ylabel("held-out KL(source || candidate), nats/token")
-    ax.legend()
-    fig.tight_layout()
-    common.write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    plt.close(fig)
-
-
 def plan_shapes(cfg, src: dict, config, protected: set[int], device: str, dtype: torch.dtype
                 ) -> tuple[list[dict], dict | None]:
-    """(the shapes to build: the target shape, or a search's candidates; for a TARGET_SPEEDUP
-    search the latencies: {"source": measurement, "shapes": one per shape, with "speedup"})."""
+    """(the shapes to build: the target shape, or a search's candidates spread over its window
+    on the grids; for a TARGET_SPEEDUP search the latencies: latency.speed_window's record, with
+    "shapes", each candidate's measurement and "speedup")."""
     droppable = src["num_hidden_layers"] - len(protected)
     if cfg.TARGET_PARAMS is None and cfg.TARGET_SPEEDUP is None:
         if all(getattr(cfg, n) is None for n in TARGETS):
@@ -890,17 +748,32 @@ def plan_shapes(cfg, src: dict, config, protected: set[int], device: str, dtype:
     if cfg.TARGET_PARAMS is not None and cfg.TARGET_PARAMS > total:
         raise common.UserError(f"TARGET_PARAMS={cfg.TARGET_PARAMS:.4g} is bigger than the "
                                f"source's {total} parameters")
-    if cfg.TARGET_SPEEDUP is not None:
-        shapes, lat = speed_candidates(cfg, src, config, protected, device, dtype)
+    speed = cfg.TARGET_SPEEDUP is not None  # a speed-up search always tries fewer layers and heads
+    grid_ = grid_shapes(src, config, droppable, speed or _SEARCH_DEPTH, speed or _SEARCH_HEADS,
+                        (_HIDDEN_STEP, _FFN_STEP, _LAYER_STEP), _MIN_KEEP)
+    if speed:
+        import latency  # the TARGET_SPEEDUP search's timing (latency.py), only in this branch
+        work = latency.workload(config, _LATENCY_PROMPT, _LATENCY_NEW_TOKENS, _LATENCY_BATCHES,
+                                _LATENCY_WARMUP, _LATENCY_REPEATS)
+        if cfg.TARGET_PARAMS is not None:
+            grid_ = [s for s in grid_ if s["params"] <= cfg.TARGET_PARAMS]
+        timed = [config] + [latency_config(config, s, protected) for s in grid_]
+        window, lat = latency.speed_window(
+            grid_, timed, device, dtype, work, Path(cfg.OUTPUT).parent / "latency.json",
+            target=cfg.TARGET_SPEEDUP, tolerance=_SPEEDUP_TOLERANCE, k=_NUM_CANDIDATES,
+            budget=cfg.TARGET_PARAMS)
+        shapes = spread(window, _NUM_CANDIDATES)
+        lat["shapes"] = [s["latency"] for s in shapes]
     else:
-        window, shapes = candidate_shapes(cfg.TARGET_PARAMS, src, config, droppable,
-                                          _SEARCH_DEPTH, _SEARCH_HEADS)
-        if not shapes:
+        lo = cfg.TARGET_PARAMS * (1 - _BUDGET_TOLERANCE)
+        window = [s for s in grid_ if lo <= s["params"] <= cfg.TARGET_PARAMS]
+        if not window:
             raise common.UserError(
                 f"no candidate shape on the grids (_HIDDEN_STEP={_HIDDEN_STEP}, _FFN_STEP="
                 f"{_FFN_STEP}, _MIN_KEEP={_MIN_KEEP}, _SEARCH_DEPTH={_SEARCH_DEPTH}) has between "
-                f"{cfg.TARGET_PARAMS * (1 - _BUDGET_TOLERANCE):.4g} and {cfg.TARGET_PARAMS:.4g} "
-                f"parameters; widen the recipe's grids or set _SEARCH_DEPTH in prune.py")
+                f"{lo:.4g} and {cfg.TARGET_PARAMS:.4g} parameters; widen the recipe's grids or set "
+                f"_SEARCH_DEPTH in prune.py")
+        shapes = spread(window, _NUM_CANDIDATES)
         print(f"budget: {len(window)} shapes within {_BUDGET_TOLERANCE:.0%} under "
               f"{fmt_params(cfg.TARGET_PARAMS)}; scoring {len(shapes)}")
         lat = None
@@ -909,45 +782,13 @@ def plan_shapes(cfg, src: dict, config, protected: set[int], device: str, dtype:
     return [{k: s[k] for k in common.SHAPE_KEYS} for s in shapes], lat
 
 
-def speed_candidates(cfg, src: dict, config, protected: set[int], device: str,
-                     dtype: torch.dtype) -> tuple[list[dict], dict]:
-    """Latency prunes the grid first (depth, width and heads; no weights needed), then the
-    candidates that meet TARGET_SPEEDUP (up to _SPEEDUP_TOLERANCE beyond it, under TARGET_PARAMS
-    when set) are spread over that window for the KL to rank."""
-    need = _LATENCY_PROMPT + _LATENCY_NEW_TOKENS
-    if need > config.max_position_embeddings:
-        raise common.UserError(f"the latency workload (_LATENCY_PROMPT + _LATENCY_NEW_TOKENS = "
-                               f"{need} tokens) is longer than MODEL's context "
-                               f"({config.max_position_embeddings}); lower them in prune.py")
-    grid_ = grid_shapes(src, config, src["num_hidden_layers"] - len(protected), True, True)
-    if cfg.TARGET_PARAMS is not None:
-        grid_ = [s for s in grid_ if s["params"] <= cfg.TARGET_PARAMS]
-    source, measured = measure_shapes(config, grid_, protected, device, dtype,
-                                      Path(cfg.OUTPUT).parent / "latency.json")
-    for s, m in zip(grid_, measured):
-        s["latency"] = {**m, "speedup": speedup(source, m)}
-    meet = [s for s in grid_ if s["latency"]["speedup"] >= cfg.TARGET_SPEEDUP]
-    if not meet:
-        best = max((s["latency"]["speedup"] for s in grid_), default=1.0)
-        raise common.UserError(f"no candidate on the grids reaches TARGET_SPEEDUP="
-                               f"{cfg.TARGET_SPEEDUP:g} on this device (the fastest: {best:.2f}x"
-                               f"{' under TARGET_PARAMS' if cfg.TARGET_PARAMS else ''}); lower it")
-    window = [s for s in meet
-              if s["latency"]["speedup"] <= cfg.TARGET_SPEEDUP * (1 + _SPEEDUP_TOLERANCE)]
-    window = window or sorted(meet, key=lambda s: s["latency"]["speedup"])[:_NUM_CANDIDATES]
-    picks = spread(window, _NUM_CANDIDATES)
-    print(f"latency: {len(meet)} of {len(grid_)} shapes reach {cfg.TARGET_SPEEDUP:g}x decode "
-          f"speed-up; scoring {len(picks)} from {len(window)} within {_SPEEDUP_TOLERANCE:.0%} of it")
-    return picks, {"source": source, "shapes": [s["latency"] for s in picks],
-                   "device": device_name(device), "dtype": str(dtype), "workload": workload()}
-
+# ---- the candidates, built and measured -----------------------------------------------------
 
 def score_candidates(teacher, scores: dict, shapes: list[dict], rows: torch.Tensor,
-                     protected: set[int], save_dtype: torch.dtype, grams, memo: dict) -> list[dict]:
-    """Build each shape (prune_one, repaired when `grams`) and measure it on the held-out
-    `rows`; sorted by KL. The teacher runs on the rows once for all candidates; a search keeps
-    only the plans (the few written are rebuilt), a single shape keeps its model. `memo`: the
-    repair's neuron choices, shared by candidates of the same width and by the rebuilds."""
+                     protected: set[int], save_dtype: torch.dtype, cut: Cut) -> list[dict]:
+    """Build each shape (prune_one as `cut` says) and measure it on the held-out `rows`; sorted
+    by KL. The teacher runs on the rows once for all candidates; a search keeps only the plans
+    (the few written are rebuilt), a single shape keeps its model."""
     src = common.shape_of(teacher.config)
     n = src["num_hidden_layers"]
     droppable = [i for i in range(n) if i not in protected]
@@ -961,9 +802,7 @@ def score_candidates(teacher, scores: dict, shapes: list[dict], rows: torch.Tens
         layers = choose_layers(scores, _DEPTH_METRIC, n, shape["num_hidden_layers"], protected,
                                costs.get(n_drop))
         t0 = time.time()
-        student, plan = prune_one(teacher, scores, shape, layers, save_dtype, _GQA_GROUPING,
-                                  _HEAD_SCORE, _NORM_CORRECTION, state, grams, _REPAIR_DAMPING,
-                                  _REPAIR_SELECT, memo)
+        student, plan = prune_one(teacher, scores, shape, layers, save_dtype, cut, state)
         t_slice = time.time() - t0
         metrics = common.evaluate(student, rows, _BATCH_SIZE, teacher=teacher,
                                   teacher_hidden=t_hidden, progress="held-out")
@@ -978,26 +817,6 @@ def score_candidates(teacher, scores: dict, shapes: list[dict], rows: torch.Tens
 
 
 # ---- outputs --------------------------------------------------------------------------------
-
-def held_out_rows(cfg, tokenizer, meta: dict) -> torch.Tensor:
-    """NUM_SAMPLES rows of DATASET, after the tokens importance_analysis.py used if it is the
-    same data in the same order (same DATASET and seed)."""
-    skip_tokens = 0
-    if meta["config"].get("DATASET") == cfg.DATASET and meta["recipe"].get("_SEED") == _SEED:
-        skip_tokens = (meta["num_samples"] + meta["loss_samples"]) * meta["config"]["SEQ_LEN"]
-    skip = math.ceil(skip_tokens / cfg.SEQ_LEN)
-    try:
-        rows = common.calibration_rows(cfg.DATASET, tokenizer, cfg.NUM_SAMPLES, cfg.SEQ_LEN, _SEED,
-                                       skip_rows=skip)
-    except common.UserError as e:
-        raise common.UserError(f"{e} (the {skip_tokens} tokens importance_analysis.py used are "
-                               f"not held out); use other held-out data") from None
-    if len(rows) < cfg.NUM_SAMPLES:
-        print(f"warning: only {len(rows)} held-out rows, fewer than NUM_SAMPLES={cfg.NUM_SAMPLES}")
-    print(f"held-out: {len(rows)} rows x {cfg.SEQ_LEN} tokens"
-          + (f", after the {skip_tokens} tokens used for the scores" if skip_tokens else ""))
-    return rows
-
 
 def prune_record(cfg, model: str, model_id: str, src: dict, res: dict, rank: int, types_: list,
                  before: dict, search: list | None, save_dtype, lat: dict | None = None) -> dict:
@@ -1085,6 +904,8 @@ def main(argv: list[str]) -> dict:
     grams = open_grams(cfg.SCORES, scores["meta"]) if cfg.REPAIR else None
     if cfg.REPAIR and grams is None:
         print("repair: SCORES has no statistics (made with _GRAM_ROWS=0): slicing only")
+    cut = Cut(grouping=_GQA_GROUPING, head_score=_HEAD_SCORE, norm_correction=_NORM_CORRECTION,
+              grams=grams, damping=_REPAIR_DAMPING, select=_REPAIR_SELECT, rounds=_REPAIR_ROUNDS)
 
     rows = held_out_rows(cfg, common.load_tokenizer(model), scores["meta"])
     t0 = time.time()
@@ -1092,13 +913,13 @@ def main(argv: list[str]) -> dict:
     times = {"load": time.time() - t0}
     print(f"model: {config.architectures} on {device} in {dtype}, loaded in {times['load']:.1f}s")
     t0 = time.time()
-    memo = {}  # the repair's neuron choices per (layer, width), computed once
-    results = score_candidates(teacher, scores, shapes, rows, protected, save_dtype, grams, memo)
+    results = score_candidates(teacher, scores, shapes, rows, protected, save_dtype, cut)
     times["prune_and_eval"] = time.time() - t0
     search = None
     if lat:
-        add_latency(results, shapes, lat)
-        print_latency_table(results)
+        import latency  # the TARGET_SPEEDUP frontier (latency.py), only in this branch
+        latency.add_latency(results, shapes, lat)
+        latency.print_table(results, lat["workload"]["batches"], fmt_params)
     if cfg.TARGET_PARAMS is not None or lat:
         print_ranking(results)
         search = [{**r["shape"], "params": r["params"]["total"], **r["metrics"],
@@ -1108,8 +929,7 @@ def main(argv: list[str]) -> dict:
     state = teacher.state_dict()
     for rank, (res, path) in enumerate(zip(results, outputs), 1):
         student = res["model"] or prune_one(  # a search rebuilds the few it writes, one at a time
-            teacher, scores, res["shape"], res["plan"]["layers"], save_dtype, _GQA_GROUPING,
-            _HEAD_SCORE, _NORM_CORRECTION, state, grams, _REPAIR_DAMPING, _REPAIR_SELECT, memo)[0]
+            teacher, scores, res["shape"], res["plan"]["layers"], save_dtype, cut, state)[0]
         actual = sum(p.numel() for p in student.parameters())
         if actual != res["params"]["total"]:
             print(f"warning: counted {actual} parameters, the formula says {res['params']['total']}")
@@ -1117,7 +937,8 @@ def main(argv: list[str]) -> dict:
                               save_dtype, lat)
         common.write_checkpoint(student, model, path, record, dtype=save_dtype)
         if lat and rank == 1:
-            plot_frontier(results, cfg.TARGET_SPEEDUP, path / "latency.png")
+            latency.plot_frontier(results, cfg.TARGET_SPEEDUP, lat["workload"]["batches"][0],
+                                  path / "latency.png")
         res["model"] = None
         del student
     times["save"] = time.time() - t0

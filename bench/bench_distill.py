@@ -90,7 +90,7 @@ def timing() -> dict:
     import distill
     device = "cuda" if torch.cuda.is_available() else "cpu"
     teacher, student = models(device)
-    settings = {"temperature": 1.0, "kl_w": 1.0, "ce_w": 0.0, "chunk": CHUNK}
+    settings = distill.LossSettings(temperature=1.0, kl_weight=1.0, ce_weight=0.0, chunk=CHUNK)
     kd = distill.Distiller(student, torch.nn.Identity(), [], settings)
     ids = torch.randint(0, VOCAB, (BATCH, SEQ_LEN), generator=torch.Generator().manual_seed(0))
     ids = ids.to(device)

@@ -132,8 +132,8 @@ def main():
         print(json.dumps(measure(sys.argv[2], sys.argv[3], cfg)))
         return
     cfg = common.configure(globals(), sys.argv[1:])
-    import smollm2
-    model_dir = (smollm2.smollm2_dir() if smollm2.available()
+    import bench_smollm2
+    model_dir = (bench_smollm2.smollm2_dir() if bench_smollm2.available()
                  else olmo_dir(Path(os.environ.get("PARE_CACHE", Path.home() / ".cache" / "pare"))
                                / "bench-olmo3-80m"))
     print(f"model: {model_dir}")

@@ -36,7 +36,7 @@ def random_olmo(path: Path, text: str) -> str:
     if (path / "config.json").is_file():
         return str(path)
     from transformers import AutoModelForCausalLM, Olmo3Config
-    from corpus import corpus_tokenizer
+    from bench_corpus import corpus_tokenizer
     config = Olmo3Config(vocab_size=32000, hidden_size=768, intermediate_size=2048,
                          num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=12,
                          layer_types=["sliding_attention"] * 3 + ["full_attention"],
@@ -63,12 +63,12 @@ def fake_scores(model_dir: str, out: Path) -> str:
 
 
 def main():
-    import smollm2
-    from corpus import write_corpus
+    import bench_smollm2
+    from bench_corpus import write_corpus
     OUT.mkdir(parents=True, exist_ok=True)
     _, eval_txt = write_corpus(OUT / "corpus")
-    kind = "smollm2" if smollm2.available() else "olmo3"
-    model_dir = (smollm2.smollm2_dir() if kind == "smollm2"
+    kind = "smollm2" if bench_smollm2.available() else "olmo3"
+    model_dir = (bench_smollm2.smollm2_dir() if kind == "smollm2"
                  else random_olmo(OUT / "olmo3-100m", Path(eval_txt).read_text()))
     scores = fake_scores(model_dir, OUT / "scores.pt")
     config = common.load_config(model_dir)

@@ -10,6 +10,7 @@ import torch
 
 import common
 import distill
+import teacher_cache
 from conftest import ROOT, make_model, olmo3_config, recipe, script_cmd
 from test_distill import launch_cmd, make_teacher, prune_like, run, write_student
 
@@ -48,7 +49,7 @@ def test_cached_kl_with_every_logit_is_the_full_kl():
     """k = vocab: the cached loss and its gradients are the live full-logit ones (float64)."""
     h_s, w_s, h_t, w_t, y = random_case()
     want = distill.direct_logit_loss(h_s, w_s, h_t, w_t, y)
-    ids, logp, rest = distill.topk_entries((h_t @ w_t.T).log_softmax(-1), w_t.shape[0])
+    ids, logp, rest = teacher_cache.topk_entries((h_t @ w_t.T).log_softmax(-1), w_t.shape[0])
     assert torch.isneginf(rest).all()
     check_loss_and_grads(want, h_s, w_s, ("topk", ids, logp, rest), y, (7, 64))
 
@@ -68,7 +69,7 @@ def bucketed_kl(z_s, lt, ids):
 def test_cached_kl_is_the_bucketed_kl(k):
     h_s, w_s, h_t, w_t, y = random_case()
     lt = (h_t @ w_t.T).log_softmax(-1)
-    ids, logp, rest = distill.topk_entries(lt, k)
+    ids, logp, rest = teacher_cache.topk_entries(lt, k)
     want = bucketed_kl(h_s @ w_s.T, lt, ids)
     got = check_loss_and_grads(want, h_s, w_s, ("topk", ids, logp, rest), y, (7, 40))
     # a KL of coarser distributions never exceeds the full one (data processing inequality)
@@ -80,9 +81,9 @@ def test_cached_evaluation_matches_the_live_one():
     rows = torch.randint(2, 300, (3, 17), generator=torch.Generator().manual_seed(0))
     live = common.evaluate(student, rows, 2, teacher, 8)
     from accelerate import Accelerator
-    targets = distill.teacher_topk(teacher, rows, VOCAB, 2, 8, torch.float32, Accelerator(cpu=True))
+    targets = teacher_cache.teacher_topk(teacher, rows, VOCAB, 2, 8, torch.float32, Accelerator(cpu=True))
     targets.pop("row_hash")
-    got = distill.cached_evaluate(student, rows, 2, targets, 8)
+    got = common.evaluate(student, rows, 2, chunk_tokens=8, cached=targets)
     assert got["tokens"] == live["tokens"]
     for key in ("kl", "student_ppl", "teacher_ppl"):
         assert got[key] == pytest.approx(live[key], rel=1e-5), key
@@ -104,7 +105,7 @@ def test_training_from_every_logit_is_the_live_training(student_dir, teacher_dir
     assert first["losses"] == live["losses"]  # bit for bit
     assert first["final"]["kl"] == pytest.approx(live["final"]["kl"], rel=1e-5)
     assert first["final"]["teacher_ppl"] == pytest.approx(live["final"]["teacher_ppl"], rel=1e-5)
-    manifest = distill.read_manifest(cache)
+    manifest = teacher_cache.read_manifest(cache)
     assert manifest["rows"] == 18 and manifest["topk"] == VOCAB  # 4 steps x 4 rows, 6 a shard
     assert len(list(cache.glob("train-*.safetensors"))) == 3
 

@@ -3,6 +3,7 @@
 import json
 import math
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -113,15 +114,13 @@ def test_a_hub_models_fingerprint_is_its_revision(tmp_path, monkeypatch):
     assert common.fingerprint("org/other") == "hub:org/other"
 
 
-def test_a_hub_model_recorded_by_content_is_still_the_same(tmp_path, monkeypatch):
-    import huggingface_hub.constants
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
-    repo = tmp_path / "models--org--tiny"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text("abc123")
-    (repo / "snapshots" / "abc123").mkdir(parents=True)
-    (repo / "snapshots" / "abc123" / "config.json").write_text("{}")
-    old = common.fingerprint("org/tiny", content=True)  # what scores files recorded before
-    now = common.fingerprint("org/tiny")
-    assert old.startswith("sha256:") and common.same_model(old, "org/tiny", now)
-    assert not common.same_model("sha256:0", "org/tiny", now)
+def test_a_checkpoint_of_a_hub_model_recorded_by_content_is_refused():
+    """Files of earlier commits are refused, not matched through a compatibility shim: a
+    checkpoint that recorded its hub teacher by content hash no longer resumes."""
+    import checkpoints
+    progress = {"settings": {}, "student": "sha256:1", "teacher": "sha256:0", "fsdp": False,
+                "world": 1}
+    ids = {"student": "sha256:1", "teacher": "hub:org/tiny@abc123"}
+    with pytest.raises(common.UserError, match="belongs to another teacher"):
+        checkpoints.check_resumable(progress, Path("out-checkpoints/step-0000001"), {}, set(),
+                                    ids, False, 1)

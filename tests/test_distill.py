@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import common
+import costs
 import distill
 from conftest import (ROOT, llama_config, make_model, make_tokenizer, olmo3_config, recipe,
                       script_cmd, split_args)
@@ -148,10 +149,10 @@ def test_flops_per_token_matches_counted_matmuls(make_config):
     with FlopCounterMode(display=False) as counter:
         model(input_ids=ids, use_cache=False).logits.sum().backward()
     counted = counter.get_total_flops() / ids.numel()
-    assert 3 * distill.forward_flops_per_token(config, 24) == pytest.approx(counted, rel=0.02)
-    no_head = distill.forward_flops_per_token(config, 24, lm_head=False)  # teacher without KL
-    assert distill.forward_flops_per_token(config, 24) - no_head == 2 * 320 * 64
-    assert distill.peak_tflops("cpu", None) is None and distill.peak_tflops("cpu", 100) == 100.0
+    assert 3 * costs.forward_flops_per_token(config, 24) == pytest.approx(counted, rel=0.02)
+    no_head = costs.forward_flops_per_token(config, 24, lm_head=False)  # teacher without KL
+    assert costs.forward_flops_per_token(config, 24) - no_head == 2 * 320 * 64
+    assert costs.peak_tflops("cpu", None) is None and costs.peak_tflops("cpu", 100) == 100.0
 
 
 @pytest.mark.parametrize("make_config", [olmo3_config, llama_config])
@@ -171,9 +172,9 @@ def test_state_memory_estimate_counts_the_real_parameters():
     student, teacher = make_model(llama_config(intermediate_size=48)), make_model(olmo3_config())
     n_s = sum(p.numel() for p in student.parameters())  # tied: the embedding counted once
     n_t = sum(p.numel() for p in teacher.parameters())
-    one = distill.state_gib(student.config, teacher.config, torch.bfloat16, 1)
+    one = costs.state_gib(student.config, teacher.config, torch.bfloat16, 1)
     assert one["student"] * 2**30 == 16 * n_s and one["teacher"] * 2**30 == 2 * n_t
-    two = distill.state_gib(student.config, teacher.config, torch.bfloat16, 2)
+    two = costs.state_gib(student.config, teacher.config, torch.bfloat16, 2)
     head = 320 * 64 * 2  # the teacher's lm_head stays whole on every process
     assert two["student"] * 2**30 == 8 * n_s
     assert two["teacher"] * 2**30 == pytest.approx((2 * n_t - head) / 2 + head)
@@ -201,8 +202,8 @@ class CountingTokenizer:
 
 def test_row_stream_holds_out_repeats_and_resumes(tokenizer, text_file):
     every = list(common.packed_rows(text_file, tokenizer, 64, 0))
-    pos = distill.start_position()
-    stream = distill.row_stream(text_file, tokenizer, 64, 0, 3, pos)
+    pos = common.start_position()
+    stream = common.row_stream(text_file, tokenizer, 64, 0, 3, pos)
     train = every[3:]
     want = train + train + train
     saved = {}
@@ -214,7 +215,7 @@ def test_row_stream_holds_out_repeats_and_resumes(tokenizer, text_file):
     for k in (1, 7, len(train) - 1, len(train), len(train) + 2, 2 * len(train) + 4):
         tok = CountingTokenizer(tokenizer)
         pos = json.loads(json.dumps(saved[k]))
-        later = distill.row_stream(text_file, tok, 64, 0, 3, pos)
+        later = common.row_stream(text_file, tok, 64, 0, 3, pos)
         assert torch.equal(next(later), want[k % len(want)])
         if pos["epoch"] == saved[k]["epoch"]:
             assert tok.calls == pos["documents"] - saved[k]["documents"] <= 2, k

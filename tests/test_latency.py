@@ -6,12 +6,13 @@ import math
 import pytest
 
 import common
+import latency
 import prune
-from conftest import llama_config, olmo3_config, recipe
+from conftest import llama_config, olmo3_config
 from test_prune import run_main, yarn_olmo  # noqa: F401  (a fixture: tiny Olmo 3 with its scores)
 
-TINY = {"_LATENCY_PROMPT": 16, "_LATENCY_NEW_TOKENS": 4, "_LATENCY_BATCHES": (1, 2),
-        "_LATENCY_WARMUP": 0, "_LATENCY_REPEATS": 1}
+WORK = {"prompt": 16, "new_tokens": 4, "batches": (1, 2), "warmup": 0, "repeats": 1}
+TINY = {f"_LATENCY_{k.upper()}": v for k, v in WORK.items()}  # prune.py's constants for WORK
 GRIDS = ["_HIDDEN_STEP=16", "_FFN_STEP=16", "_NUM_CANDIDATES=4",
          *[f"{k}={v!r}" for k, v in TINY.items()]]
 
@@ -26,12 +27,12 @@ def fake_latency(config, device, dtype, work):
 
 def test_frontier():
     points = [(1.5, 0.3), (1.6, 0.2), (1.7, 0.4), (1.55, 0.25), (1.6, 0.2)]
-    assert prune.frontier(points) == [False, True, True, False, True]
+    assert latency.frontier(points) == [False, True, True, False, True]
 
 
 def test_search_meets_the_target_on_the_frontier(yarn_olmo, tmp_path, monkeypatch, capsys):  # noqa: F811
     model_dir, scores, data = yarn_olmo
-    monkeypatch.setattr(prune, "measure_latency", fake_latency)
+    monkeypatch.setattr(latency, "measure_latency", fake_latency)
     out = tmp_path / "fast"
     res = run_main(model_dir, scores, data, out, "TARGET_SPEEDUP=1.5", *GRIDS, "SAVE_TOP=2")
     printed = capsys.readouterr().out
@@ -63,27 +64,30 @@ def test_search_meets_the_target_on_the_frontier(yarn_olmo, tmp_path, monkeypatc
 def test_measurement_is_positive_and_cached(make_config, tmp_path, monkeypatch):
     config = make_config()
     shapes = [{**common.shape_of(config), "num_hidden_layers": 2, "intermediate_size": 64}]
-    real, calls = prune.measure_latency, []
-    monkeypatch.setattr(prune, "measure_latency", lambda *a: calls.append(a) or real(*a))
+    configs = [config] + [prune.latency_config(config, s, set()) for s in shapes]
+    work = latency.workload(config, **WORK)
+    real, calls = latency.measure_latency, []
+    monkeypatch.setattr(latency, "measure_latency", lambda *a: calls.append(a) or real(*a))
     cache = tmp_path / "latency.json"
-    with recipe(prune, **TINY):
-        source, (cand,) = prune.measure_shapes(config, shapes, set(), "cpu", config.dtype, cache)
-        assert len(calls) == 2
-        for m in (source, cand):
-            values = [*m["prefill_ms"].values(), *m["decode_ms"].values()]
-            assert len(values) == 4 and all(math.isfinite(v) and v > 0 for v in values)
-        again = prune.measure_shapes(config, shapes, set(), "cpu", config.dtype, cache)
-        assert len(calls) == 2 and again == (source, [cand])  # the second search measures nothing
+    source, (cand,) = latency.measure_shapes(configs, "cpu", config.dtype, work, cache)
+    assert len(calls) == 2
+    for m in (source, cand):
+        values = [*m["prefill_ms"].values(), *m["decode_ms"].values()]
+        assert len(values) == 4 and all(math.isfinite(v) and v > 0 for v in values)
+    again = latency.measure_shapes(configs, "cpu", config.dtype, work, cache)
+    assert len(calls) == 2 and again == (source, [cand])  # the second search measures nothing
     assert json.loads(cache.read_text())["stage"] == "latency-cache"
-    cache.write_text("{}")
-    with recipe(prune, **TINY), pytest.raises(common.UserError, match="not prune.py's latency cache"):
-        prune.measure_shapes(config, shapes, set(), "cpu", config.dtype, cache)
+    for bad in ("{}", "not json", '{"stage": "latency-cache", "entries": []}'):
+        cache.write_text(bad)
+        with pytest.raises(common.UserError,
+                           match="latency.json is not a .*prune.py latency cache.*move it away"):
+            latency.measure_shapes(configs, "cpu", config.dtype, work, cache)
 
 
 def test_latency_target_errors_before_loading(yarn_olmo, tmp_path, monkeypatch):  # noqa: F811
     model_dir, scores, data = yarn_olmo
     monkeypatch.setattr(common, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
-    monkeypatch.setattr(prune, "measure_latency", fake_latency)
+    monkeypatch.setattr(latency, "measure_latency", fake_latency)
     from test_safety import error
     out = tmp_path / "o"
     assert "no candidate on the grids reaches TARGET_SPEEDUP=100" in error(

@@ -10,6 +10,7 @@ import torch
 
 import common
 import distill
+import on_policy
 from conftest import ROOT, make_model, make_tokenizer, olmo3_config, recipe
 from test_cache import check_loss_and_grads
 from test_distill import launch_cmd, logged_losses, run
@@ -58,15 +59,15 @@ def test_sampled_rows_mask_only_the_sampled_tokens(monkeypatch):
     canned = torch.tensor([[5, 6, 7, 20, 0, 30, 31, 32], [pad, 8, 9, 40, 41, 42, 43, 44]])
     monkeypatch.setattr(student, "generate", lambda **kw: canned)
     from accelerate import Accelerator
-    rows, mask, n = distill.sample_rows(student, prompts, 8, eos, pad, Accelerator(cpu=True))
+    rows, mask, n = on_policy.sample_rows(student, prompts, 8, eos, pad, Accelerator(cpu=True), 1.0)
     assert rows.tolist() == [[5, 6, 7, 20, 0, 1, 1, 1], [8, 9, 40, 41, 42, 43, 44, 1]]
     assert mask.tolist() == [[False, False, True, True, False, False, False],
                              [False, True, True, True, True, True, False]]
     assert n == 2 + 5
 
     teacher = make_model(olmo3_config(), seed=1)
-    model = distill.Distiller(student, torch.nn.Identity(), [], {
-        "temperature": 1.0, "kl_w": 1.0, "ce_w": 0.0, "chunk": 4, "divergence": "reverse_kl"})
+    model = distill.Distiller(student, torch.nn.Identity(), [], distill.LossSettings(
+        temperature=1.0, kl_weight=1.0, ce_weight=0.0, chunk=4, divergence="reverse_kl"))
 
     def loss(ids):
         h_t = common.final_hidden(teacher, ids)[:, :-1].flatten(0, 1).detach()
@@ -89,7 +90,7 @@ def test_a_tiny_share_of_sampling_leaves_the_off_policy_losses(student_dir, teac
                                                                 text_file, tmp_path):
     """ON_POLICY so small that no step samples: the prompts and their stream disturb neither the
     rows nor the RNG, so the losses are today's off-policy ones, bit for bit."""
-    assert not any(distill.on_policy_step(s, 1e-9) for s in range(1, 5))
+    assert not any(on_policy.is_sampled_step(s, 1e-9, distill._SEED) for s in range(1, 5))
     off = run(student_dir, teacher_dir, text_file, tmp_path / "off", "MAX_STEPS=4")
     tiny = run(student_dir, teacher_dir, text_file, tmp_path / "tiny", "MAX_STEPS=4",
                "ON_POLICY=1e-9")
@@ -97,7 +98,7 @@ def test_a_tiny_share_of_sampling_leaves_the_off_policy_losses(student_dir, teac
 
 
 def test_on_policy_kill_and_resume_is_bit_identical(student_dir, teacher_dir, text_file, tmp_path):
-    draws = [distill.on_policy_step(s, 0.5) for s in range(1, 7)]
+    draws = [on_policy.is_sampled_step(s, 0.5, distill._SEED) for s in range(1, 7)]
     assert any(draws) and not all(draws)  # both kinds of step in the run
     args = ["MAX_STEPS=6", "ON_POLICY=0.5", "DIVERGENCE=reverse_kl", "_CHECKPOINT_EVERY=0"]
     whole = run(student_dir, teacher_dir, text_file, tmp_path / "whole", *args)
@@ -143,10 +144,11 @@ def conversation(i):
 def test_chat_prompts_end_at_the_last_user_turn(student_dir, teacher_dir, tmp_path, text_file):
     student = chat_student(student_dir, tmp_path)
     tok = common.load_tokenizer(student)
-    ids = distill.prompt_ids({"messages": conversation(0)}, tok, 128, 0)
+    ids = on_policy.prompt_ids({"messages": conversation(0)}, tok, 128, 0, distill._PROMPT_SHARE)
     want = tok.apply_chat_template(conversation(0)[:4], tokenize=False) + "<|im_start|>assistant\n"
     assert tok.decode(ids) == want
-    text = distill.prompt_ids("The quick brown fox jumps over the lazy dog. " * 5, tok, 32, 0)
+    text = on_policy.prompt_ids("The quick brown fox jumps over the lazy dog. " * 5, tok, 32, 0,
+                              distill._PROMPT_SHARE)
     assert len(text) == 16  # _PROMPT_SHARE of SEQ_LEN
     data = chat_data(tmp_path, [conversation(i) for i in range(40)])
     s = run(student, teacher_dir, data, tmp_path / "out", "MAX_STEPS=3", "ON_POLICY=1.0",
@@ -202,12 +204,11 @@ def test_prompts_that_cannot_be_made_are_skipped_during_training(student_dir, tm
     tok = common.load_tokenizer(student)
     records = [conversation(0), [{"role": "assistant", "content": "no question"}], conversation(1)]
     data = chat_data(tmp_path, records)
-    got = distill.prompt_stream(data, tok, 128, 0, {"epoch": 0, "documents": 0, "after_held_out": 0},
-                                strict=False)
+    got = on_policy.prompt_stream(data, tok, 128, 0, on_policy.start(0), distill._PROMPT_SHARE,
+                                  strict=False)
     prompts = [next(got) for _ in range(4)]
     assert len({len(p) for p in prompts}) == 1  # the two good conversations, twice
     assert "skipped: DATASET document" in capsys.readouterr().out
-    strict = distill.prompt_stream(data, tok, 128, 0, {"epoch": 0, "documents": 0,
-                                                        "after_held_out": 0})
+    strict = on_policy.prompt_stream(data, tok, 128, 0, on_policy.start(0), distill._PROMPT_SHARE)
     with pytest.raises(common.UserError, match="no user turn"):
         [next(strict) for _ in range(3)]

@@ -40,8 +40,8 @@ def prune_in_memory(model, scores, grouping="similarity", norm_correction=True,
     prune.validate_shape(shape, src, config.model_type, src["num_hidden_layers"] - len(protected))
     layers = prune.choose_layers(scores, "bi", src["num_hidden_layers"], shape["num_hidden_layers"],
                                  protected)
-    return prune.prune_one(model, scores, shape, layers, torch.float32, grouping, head_score,
-                           norm_correction)
+    return prune.prune_one(model, scores, shape, layers, torch.float32,
+                           prune.Cut(grouping, head_score, norm_correction))
 
 
 def ids(n=2, t=20, seed=3):

@@ -11,18 +11,19 @@ import importance_analysis as ia
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "bench"))
-import corpus  # noqa: E402
-import smollm2  # noqa: E402
+import bench_corpus  # noqa: E402
+import bench_smollm2  # noqa: E402
 
 pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not smollm2.available(), reason="needs `uv sync --group real`")]
+              pytest.mark.skipif(not bench_smollm2.available(),
+                                 reason="needs `uv sync --group real`")]
 
 
 @pytest.fixture(scope="module")
 def real(tmp_path_factory):
     root = tmp_path_factory.mktemp("real")
-    calib, held = corpus.write_corpus(root / "corpus")
-    return smollm2.smollm2_dir(), calib, held, root
+    calib, held = bench_corpus.write_corpus(root / "corpus")
+    return bench_smollm2.smollm2_dir(), calib, held, root
 
 
 def test_low_scored_neurons_matter_least(real):

@@ -28,7 +28,7 @@ def cut(model, scores, grams, damping=1e-3, select=True, **target):
     if src["num_key_value_heads"] == src["num_attention_heads"]:
         shape["num_key_value_heads"] = shape["num_attention_heads"]
     return prune.prune_one(model, scores, shape, list(range(src["num_hidden_layers"])),
-                           torch.float32, grams=grams, damping=damping, select=select)
+                           torch.float32, prune.Cut(grams=grams, damping=damping, select=select))
 
 
 @MAKERS

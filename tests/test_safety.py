@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import common
+import checkpoints
 import distill
 import importance_analysis as ia
 import prune
@@ -276,7 +277,7 @@ def test_checkpoints_hold_no_pickled_code(chain, tmp_path):
     dcp_dir.mkdir()
     with open(dcp_dir / ".metadata", "wb") as f:
         pickle.dump(Payload(marker), f)
-    assert "not a Pare checkpoint" in error(distill.safe_reader(dcp_dir).read_metadata)
+    assert "not a Pare checkpoint" in error(checkpoints.safe_reader(dcp_dir).read_metadata)
     assert not marker.exists()
     # and no code path unpickles without weights_only (or outside the allow-list)
     for path in [*ROOT.glob("*.py"), *ROOT.glob("bench/*.py")]:

@@ -11,6 +11,7 @@ import common
 import distill
 import importance_analysis as ia
 import prune
+import selection
 from conftest import (llama_config, make_model, make_tokenizer, olmo3_config, recipe, save_model,
                       split_args)
 from test_distill import FAST, make_teacher, prune_like, write_student
@@ -237,11 +238,13 @@ def test_the_funnel_always_narrows(keep, n, rounds):
     import types
     cfg = types.SimpleNamespace(EVAL_SAMPLES=4, SELECT_TOKENS=128)
     with recipe(distill, _SELECT_KEEP=keep):
-        ends = distill.funnel(cfg, {"tokens_per_step": 128, "max_steps": 100}, n, False)
+        funnel = selection.Funnel(distill._SELECT_KEEP, distill._SELECT_GROWTH, distill._SELECT_FLAT)
+        ends = selection.plan_rounds(n, cfg.SELECT_TOKENS, cfg.EVAL_SAMPLES, 128, 100, None, False,
+                                     funnel)
         assert len(ends) == rounds and ends == sorted(ends)
         entries = [{"zero_shot_kl": float(i), "kl": [float(i)] * rounds, "student": str(i)}
                    for i in range(n)]
         alive = list(range(n))
         for r in range(rounds):
-            alive = distill.survivors(entries, alive, r)
+            alive = selection.survivors(entries, alive, r, funnel)
         assert alive == [0]

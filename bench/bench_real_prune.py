@@ -2,7 +2,7 @@
 model, and of the same shape with random units kept (the scores file with every score replaced by
 random numbers, pruned by the same code).
 
-    uv run bench/real_prune.py MODEL SCORES EVAL_TXT OUT_DIR [SHAPE ...] [--no-random]
+    uv run bench/bench_real_prune.py MODEL SCORES EVAL_TXT OUT_DIR [SHAPE ...] [--no-random]
 
 SHAPE names are keys of SHAPES (default: all); `--no-random` skips the random baselines. Prints
 one `key: value` line per run and a table.

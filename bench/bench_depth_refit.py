@@ -1,6 +1,6 @@
 """Depth and the repair: does refitting the layer before a dropped block win back its loss?
 
-    uv run bench/depth_refit.py MODEL SCORES CALIB_TXT EVAL_TXT OUT_DIR [N_LAYERS=24]
+    uv run bench/bench_depth_refit.py MODEL SCORES CALIB_TXT EVAL_TXT OUT_DIR [N_LAYERS=24]
 
 Prunes MODEL to N_LAYERS layers with prune.py's defaults (`block`: the contiguous run whose
 removal costs the least held-out loss), then refits, for each gap, the down_proj of the last

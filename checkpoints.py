@@ -32,7 +32,7 @@ def read_progress(path: Path) -> dict:
     fix = f"delete {path.parent} to start again"
     progress = common.read_json(path / "progress.json", "checkpoint progress file",
                                 ("format", *PROGRESS_KEYS), fix=fix)
-    if progress["format"] != FORMAT:
+    if progress["format"] != FORMAT or not isinstance(progress["ref_loss"], dict):
         raise common.UserError(f"{path} was written by an older version of distill.py; {fix}")
     return progress
 
@@ -60,9 +60,12 @@ def check_resumable(progress: dict, path: Path, settings: dict, resumable: set, 
                                f"(saved, now); restore them or delete {path.parent}")
     for who in ("student", "teacher"):
         if progress[who] != ids[who]:
+            why = (f"the {who} was recorded by an older version of Pare" if
+                   progress[who].startswith("sha256:") and ids[who].startswith("hub:")
+                   else f"the {who} was replaced since")
             raise common.UserError(f"{path} belongs to another {who} (fingerprint "
-                                   f"{progress[who]}, now {ids[who]}: the {who} was replaced "
-                                   f"since); delete {path.parent} to start again")
+                                   f"{progress[who]}, now {ids[who]}: {why}); delete "
+                                   f"{path.parent} to start again")
     if bool(progress["fsdp"]) != shard:
         raise common.UserError(f"{path} was written with FSDP={progress['fsdp']} (sharded "
                                f"checkpoint or not); resume with the same FSDP, or delete "
@@ -72,15 +75,40 @@ def check_resumable(progress: dict, path: Path, settings: dict, resumable: set, 
                       f"{world}: same data order, losses equal only within float tolerance")
 
 
+def damage(path: Path) -> str | None:
+    """What is wrong with checkpoint `path`'s files, found without loading them (a file missing,
+    or truncated: a torch file's zip directory sits at its end), or None."""
+    import zipfile
+    try:
+        read_progress(path)
+    except common.UserError as e:
+        return str(e)
+    if (path / ".metadata").is_file():  # sharded (FSDP): DCP's files
+        needed = [path / ".metadata", path / "param_groups.json", path / "rng-0.pt"]
+    else:
+        needed = [path / "model.pt", path / "optimizer.pt", path / "rng-0.pt"]
+    for f in needed:
+        if not f.is_file():
+            return f"{f.name} is missing"
+        if f.suffix == ".pt" and not zipfile.is_zipfile(f):
+            return f"{f.name} is truncated or corrupt"
+    return None
+
+
 def latest(root: Path, settings: dict, resumable: set, ids: dict, shard: bool, world: int
            ) -> tuple[Path | None, dict | None]:
-    """(the latest checkpoint under `root`, its progress), checked to resume; (None, None)."""
-    saved = complete(root)
-    if not saved:
-        return None, None
-    progress = read_progress(saved[-1])
-    check_resumable(progress, saved[-1], settings, resumable, ids, shard, world)
-    return saved[-1], progress
+    """(the newest intact checkpoint under `root`, its progress), checked to resume; (None,
+    None) when there is none. A damaged newer one is passed over with a warning (it is left
+    where it is)."""
+    for path in reversed(complete(root)):
+        why = damage(path)
+        if why is None:
+            progress = read_progress(path)
+            check_resumable(progress, path, settings, resumable, ids, shard, world)
+            return path, progress
+        common.print0(f"warning: checkpoint {path} is damaged ({why}); resuming from the one "
+                      f"before it")
+    return None, None
 
 
 # ---- tensors: plain files of one process (torch.load weights_only=True) ---------------------
@@ -236,6 +264,19 @@ def save(root: Path, progress: dict, model, optimizer, acc, shard: bool, keep: i
             common.remove(tmp)  # a failed write leaves no half checkpoint (gone once renamed)
     acc.wait_for_everyone()
     return final
+
+
+def clear(root: Path):
+    """Remove a finished run's checkpoints (its output is complete; a rerun must not resume from
+    them): the step directories and the record; `root` itself only when nothing else is in it."""
+    if not common.is_first_process() or not is_root(root):
+        return
+    for p in [*root.glob("step-*"), *root.glob(".step-*.tmp"), root / common.RECORD]:
+        common.remove(p)
+    if any(root.iterdir()):
+        common.print0(f"note: {root} keeps files Pare did not write; its checkpoints are removed")
+    else:
+        root.rmdir()
 
 
 def adopt(src: Path, root: Path, output: str) -> Path:

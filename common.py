@@ -53,43 +53,88 @@ class Interrupted(Exception):
     """Ctrl-C or SIGTERM after the script kept what it had finished: one line, exit status 130."""
 
 
-def run(main):
-    """Call `main(sys.argv[1:])`; a UserError is one `error:` line and exit status 2, an
-    interrupt one `interrupted:` line and exit status 130 (never a traceback for either)."""
-    try:
-        main(sys.argv[1:])
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except Interrupted as e:
-        print(f"interrupted: {e}", file=sys.stderr)
-        sys.exit(130)
-    except KeyboardInterrupt:
-        print("interrupted: nothing was saved", file=sys.stderr)
-        sys.exit(130)
+# One Ctrl-C can reach a script twice within microseconds: `uv run` passes the SIGINT its process
+# group received on to its child, which received it too (so do `timeout` and schedulers that
+# signal a group). Deliveries of a signal closer together than this are one request.
+REPEAT_WINDOW = 0.5  # seconds
+_signals = {"name": None, "at": 0.0, "soft": 0, "say": ""}  # the first request, when, stop
+# points entered (>0: record, do not raise), what the stop will do
+
+
+def _on_signal(signum, frame):
+    """SIGINT / SIGTERM: the first request raises KeyboardInterrupt, or inside `stop_requests`
+    is recorded for the loop to stop at its next safe point; a repeated delivery within
+    REPEAT_WINDOW is ignored; a later, deliberate second request stops at once."""
+    now = time.monotonic()
+    if _signals["name"] is not None:
+        if now - _signals["at"] < REPEAT_WINDOW:
+            return
+        raise Interrupted("stopped at once (a second signal); what was complete is kept: run the "
+                          "same command again to continue")
+    _signals.update(name=signal.Signals(signum).name, at=now)
+    if not _signals["soft"]:
+        raise KeyboardInterrupt
+    print0(f"\n{_signals['name']}: {_signals['say']} (once more: stop at once)")
 
 
 @contextlib.contextmanager
-def stop_requests():
-    """Ctrl-C or SIGTERM inside the block: the first asks a loop to stop at its next safe point
-    (distill.py: after the current step, with a checkpoint); the second stops at once. Yields a
-    dict whose "stop" turns True."""
-    flag = {"stop": False}
-
-    def handler(signum, frame):
-        if flag["stop"]:
-            raise Interrupted("stopped at once; the last complete checkpoint, if any, is "
-                                     "kept: run the same command again to resume from it")
-        flag["stop"] = True
-        print0(f"\n{signal.Signals(signum).name}: stopping after this step with a "
-                      f"checkpoint (once more: stop at once)")
-
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+def handling_signals():
+    """SIGINT and SIGTERM handled by `_on_signal` inside the block (a fresh request state)."""
+    old = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    _signals.update(name=None, at=0.0, soft=0)
     try:
-        yield flag
+        yield
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def stop_requests(say: str = "stopping at the next safe point"):
+    """Inside the block a first Ctrl-C or SIGTERM does not interrupt: it is recorded (and `say`
+    printed), and `stop_requested()` turns True for the code to stop at a safe point
+    (distill.py: after the current step, with a checkpoint; never while writing its output)."""
+    ours = signal.getsignal(signal.SIGINT) is _on_signal
+    with contextlib.nullcontext() if ours else handling_signals():
+        _signals["soft"] += 1
+        _signals["say"] = say
+        try:
+            yield
+        finally:
+            _signals["soft"] -= 1
+
+
+def stop_requested() -> bool:
+    """Whether a Ctrl-C or SIGTERM asked this process to stop (see `stop_requests`)."""
+    return _signals["name"] is not None
+
+
+_claims: dict | None = None  # {output path: open lock file} while a script runs (common.run)
+
+
+def run(main):
+    """Call `main(sys.argv[1:])` with Ctrl-C and SIGTERM handled alike (`_on_signal`) and every
+    output it checks claimed against a second writer (`claim`); a UserError is one `error:` line
+    and exit status 2, an interrupt one `interrupted:` line and exit status 130 (never a
+    traceback for either)."""
+    global _claims
+    _claims = {}
+    with handling_signals():
+        try:
+            main(sys.argv[1:])
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        except Interrupted as e:
+            print(f"interrupted: {e}", file=sys.stderr)
+            sys.exit(130)
+        except KeyboardInterrupt:
+            print("interrupted: nothing was saved", file=sys.stderr)
+            sys.exit(130)
+        finally:
+            for f in _claims.values():
+                f.close()  # releases the lock
+            _claims = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -123,6 +168,8 @@ def _parse_value(name: str, raw: str, default, annotation):
     kinds = list(getattr(annotation, "__args__", (annotation,))) if annotation else [type(default)]
     if value is None and type(None) in kinds:
         return None
+    if isinstance(value, float) and not math.isfinite(value):  # 1e400 parses as inf
+        raise UserError(f"{name}={raw!r} is not a finite number")
     for kind in kinds:
         if kind is bool:
             ok = isinstance(value, bool)
@@ -152,8 +199,13 @@ def configure(namespace: dict, argv: list[str]) -> types.SimpleNamespace:
     for k, v in cfg.items():
         if v is None and k not in annotations:  # a programming error, caught by the tests
             raise TypeError(f"knob {k} defaults to None and needs an annotation (X: int | None)")
+    given = set()
     for arg in argv:
         name, sep, raw = arg.partition("=")
+        if name in given:
+            twice = " ".join(a for a in argv if a.startswith(name + "="))
+            print0(f"warning: {name} is given more than once ({twice}); the last counts")
+        given.add(name)
         if not sep or not name:
             raise UserError(f"arguments are NAME=value overrides, got {arg!r}; "
                             f"valid names: {', '.join(cfg)}")
@@ -205,6 +257,15 @@ def family_of(config, constant: str = "MODEL") -> Family:
                         f"({', '.join(getattr(config, 'architectures', None) or [])}); "
                         f"{constant} must be one of: {', '.join(FAMILIES)}")
     return family
+
+
+def check_positions(config, seq_len: int, model_knob: str = "MODEL"):
+    """SEQ_LEN within the positions the model was trained for (`max_position_embeddings`, which
+    counts RoPE scaling such as Olmo 3's YaRN), or a UserError before any weights load."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is not None and seq_len > limit:
+        raise UserError(f"SEQ_LEN={seq_len} is more than the {limit} positions {model_knob}'s "
+                        f"config allows (max_position_embeddings); lower SEQ_LEN")
 
 
 def head_dim(config) -> int:
@@ -407,7 +468,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin")
 _SAMPLES, _BLOCK = 32, 1 << 16  # blocks of each weight file hashed: 2 MiB read per file
 
 
-def _check_safetensors(path: Path, size: int):
+def check_safetensors(path: Path, size: int):
     """A safetensors file whose header or length is wrong (truncated, corrupt): a UserError."""
     with open(path, "rb") as f:
         head = f.read(8)
@@ -440,12 +501,27 @@ def fingerprint(name: str, constant: str = "MODEL") -> str:
     for path in sorted(p for p in root.iterdir() if p.name.endswith(WEIGHT_SUFFIXES)):
         size = path.stat().st_size
         if path.suffix == ".safetensors":
-            _check_safetensors(path, size)
+            check_safetensors(path, size)
         h.update(f"{path.name}:{size}".encode())
         with open(path, "rb") as f:
             for k in range(_SAMPLES):
                 f.seek(k * max(size - _BLOCK, 0) // max(_SAMPLES - 1, 1))
                 h.update(f.read(_BLOCK))
+    return "sha256:" + h.hexdigest()[:32]
+
+
+def data_fingerprint(dataset: str) -> str | None:
+    """A cheap content hash of a local DATASET file (its size and `_SAMPLES` evenly spaced
+    blocks), so that a resume or a cache notices the file was edited; None for a hub dataset."""
+    path = Path(dataset).expanduser()
+    if not path.is_file():
+        return None
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        for k in range(_SAMPLES):
+            f.seek(k * max(size - _BLOCK, 0) // max(_SAMPLES - 1, 1))
+            h.update(f.read(_BLOCK))
     return "sha256:" + h.hexdigest()[:32]
 
 
@@ -466,6 +542,68 @@ def _relation(out: Path, other: Path) -> str | None:
     return None
 
 
+def claim(target: Path, constant: str):
+    """Lock output `target` for this process (a lock on the hidden sibling `.NAME.lock`, released
+    when the script ends or dies) so that two runs never write it at once; a UserError when
+    another run holds it. Only under common.run: in-process calls (tests, benchmarks) skip it."""
+    import fcntl
+    if _claims is None or target in _claims or not target.parent.is_dir():
+        return
+    lock = target.with_name(f".{target.name}.lock")
+    f = open(lock, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise UserError(f"{constant}={str(target)!r} is being written by another run (process "
+                        f"{holder}); wait for it to end or choose another {constant}") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    _claims[target] = f
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def temp_sibling(path: Path, tag: str = "tmp") -> Path:
+    """A hidden sibling of `path` named after this process (`.NAME.tmp-PID`)."""
+    return path.with_name(f".{path.name}.{tag}-{os.getpid()}")
+
+
+def remove(path: Path):
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def clean_stale(path: Path):
+    """Tidy after earlier runs that were killed (their process is gone): a new output they left
+    half written is removed; a previous output they had moved aside to swap in a new one and
+    never replaced is put back (never deleted)."""
+    for stale in sorted(path.parent.glob(f".{path.name}.*-*")):
+        tag, _, pid = stale.name.rpartition("-")
+        if not (tag.endswith((".tmp", ".old")) and pid.isdigit() and not _alive(int(pid))):
+            continue
+        if tag.endswith(".old") and not path.exists():
+            os.replace(stale, path)
+            print0(f"note: {path} was left aside by a run that was killed while swapping it; "
+                   f"put back")
+        else:
+            remove(stale)
+
+
 def check_output(path: str, constant: str, inputs: dict, is_previous) -> Path:
     """`path` (the value of `constant`) is safe to write, or a UserError before any work.
 
@@ -481,6 +619,9 @@ def check_output(path: str, constant: str, inputs: dict, is_previous) -> Path:
         raise UserError(f"{constant}={path!r} is a symbolic link; give the path it points to, "
                         f"or a new one")
     target = p.resolve()
+    if is_first_process():
+        claim(target, constant)
+        clean_stale(target)  # a previous output a killed run left aside is back before anything
     if target == Path(target.anchor) or target == Path.home():
         raise UserError(f"{constant}={path!r} resolves to {target}: give a new directory")
     for name, value in inputs.items():
@@ -531,6 +672,13 @@ def changed_settings(saved: dict, now: dict, ignore=()) -> dict:
     return {k: (saved.get(k), v) for k, v in now.items() if k not in ignore and saved.get(k) != v}
 
 
+def recorded_name(name: str) -> str:
+    """How a model or file is recorded in an artefact: a local path resolved (so that the next
+    stage finds it from any directory), a hub id as it is."""
+    p = Path(name).expanduser()
+    return str(p.resolve()) if p.exists() else name
+
+
 def is_record_of(path: Path, stage: str) -> bool:
     """Whether directory `path` holds Pare's record of `stage` (a previous output of it)."""
     try:
@@ -572,36 +720,6 @@ def writing(path: Path):
         raise UserError(f"cannot write {path}: {why}") from None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def temp_sibling(path: Path, tag: str = "tmp") -> Path:
-    """A hidden sibling of `path` named after this process (`.NAME.tmp-PID`)."""
-    return path.with_name(f".{path.name}.{tag}-{os.getpid()}")
-
-
-def clean_stale(path: Path):
-    """Remove temporaries of `path` left by earlier runs that were killed (their process is gone)."""
-    for stale in path.parent.glob(f".{path.name}.*-*"):
-        tag, _, pid = stale.name.rpartition("-")
-        if tag.endswith((".tmp", ".old")) and pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
-
-
-def remove(path: Path):
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
-
-
 def write_atomic(path: Path, write, is_previous=lambda p: True):
     """Write `path` (file or directory) through `write(tmp)`, then swap it in whole: a crash,
     a full disk or Ctrl-C leaves the old `path` as it was and no temporary behind."""
@@ -630,8 +748,39 @@ def write_atomic(path: Path, write, is_previous=lambda p: True):
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
 
 
+def record_problem(doc) -> str | None:
+    """Why `doc` (a record of DATASET) cannot be rendered, or None: it needs `messages`, a
+    non-empty list of turns with string `role` and `content`, or a string `text`."""
+    if isinstance(doc, str):
+        return None
+    if "messages" in doc:
+        turns = doc["messages"]
+        if not isinstance(turns, list) or not turns:
+            return f"its 'messages' is {str(turns)[:80]!r}, not a list of turns"
+        for t in turns:
+            if not (isinstance(t, dict) and isinstance(t.get("role"), str)
+                    and isinstance(t.get("content"), str)):
+                return f"a turn {str(t)[:80]!r} is not {{'role': str, 'content': str}}"
+        return None
+    if "text" in doc:
+        if not isinstance(doc["text"], str):
+            return f"its 'text' is {str(doc['text'])[:80]}, not a string"
+        return None
+    return f"it has no 'messages' or 'text' column (it has {sorted(doc)})"
+
+
+def _check_records(records: list, where: str, unit: str, first: int):
+    """Every record of a local file can be rendered, checked before any model loads (a bad one
+    deep in the file would otherwise stop a run hours in)."""
+    for i, doc in enumerate(records):
+        why = record_problem(doc)
+        if why:
+            raise UserError(f"{where}: {unit} {i + first} cannot be used: {why}; fix or drop it")
+
+
 def _documents_from_file(path: Path):
-    """Documents of a local file: .txt (blank-line separated), .jsonl or .parquet records."""
+    """Documents of a local file: .txt (blank-line separated), .jsonl or .parquet records
+    (every record checked, see `record_problem`)."""
     where = f"DATASET={str(path)!r}"
     if path.suffix in (".txt", ".jsonl"):
         try:
@@ -650,14 +799,19 @@ def _documents_from_file(path: Path):
                     raise UserError(f"{where}: line {i + 1} is not JSON ({e})") from None
                 if not isinstance(records[-1], dict):
                     raise UserError(f"{where}: line {i + 1} is not a JSON object")
+                why = record_problem(records[-1])
+                if why:
+                    raise UserError(f"{where}: line {i + 1} cannot be used: {why}; fix or drop it")
         return records
     import pyarrow as pa
     import pyarrow.parquet as pq
     try:
-        return pq.read_table(path).to_pylist()
+        records = pq.read_table(path).to_pylist()
     except (pa.ArrowException, OSError) as e:
         raise UserError(f"{where} is not a readable parquet file ({' '.join(str(e).split())[:200]})"
                         ) from None
+    _check_records(records, where, "row", 0)
+    return records
 
 
 def _documents_from_hub(name: str, seed: int, skip: int = 0):
@@ -681,21 +835,22 @@ def _documents_from_hub(name: str, seed: int, skip: int = 0):
 def render(doc, tokenizer, model_knob: str = "MODEL") -> str:
     """One document as text: chat `messages` through the chat template, or a `text` field
     (`model_knob`: the knob that named the tokenizer's model, for messages)."""
+    why = record_problem(doc)
+    if why:
+        raise UserError(f"DATASET has a record that cannot be used: {why}")
     if isinstance(doc, str):
         return doc
-    if "messages" in doc:
-        if not tokenizer.chat_template:
-            raise UserError(f"DATASET has a 'messages' column but {model_knob}'s tokenizer has no "
-                            f"chat template; use a dataset with a 'text' column")
-        if not isinstance(doc["messages"], list) or not doc["messages"]:
-            raise UserError(f"DATASET has a record whose 'messages' is {doc['messages']!r}, "
-                            f"not a list of turns")
-        return tokenizer.apply_chat_template(doc["messages"], tokenize=False)
-    if "text" in doc:
-        if not isinstance(doc["text"], str):
-            raise UserError(f"DATASET has a record whose 'text' is {doc['text']!r}, not a string")
+    if "messages" not in doc:
         return doc["text"]
-    raise UserError(f"DATASET records need a 'messages' or 'text' column, got {sorted(doc)}")
+    if not tokenizer.chat_template:
+        raise UserError(f"DATASET has a 'messages' column but {model_knob}'s tokenizer has no "
+                        f"chat template; use a dataset with a 'text' column")
+    try:
+        return tokenizer.apply_chat_template(doc["messages"], tokenize=False)
+    except Exception as e:  # jinja's errors, or the template's own raise_exception
+        raise UserError(f"{model_knob}'s chat template cannot render a DATASET record "
+                        f"({type(e).__name__}: {' '.join(str(e).split())[:120]}); the record "
+                        f"begins {str(doc['messages'])[:80]!r}") from None
 
 
 def documents(dataset: str, seed: int, skip: int = 0):
@@ -961,6 +1116,30 @@ def legacy_rope(config) -> dict:
     return {"rope_theta": theta, "rope_scaling": scaling}
 
 
+OWN_EXTRAS = ("latency.png", "selection.json")  # what Pare adds next to a checkpoint it wrote
+
+
+def keep_foreign_files(old: Path, new: Path):
+    """Copy into `new` the files of the previous output `old` that Pare did not write (those not
+    in its record's "files" list, e.g. a user's notes or evaluation results), so that replacing
+    an output never deletes them."""
+    if not old.is_dir():
+        return
+    try:
+        ours = set(json.loads((old / RECORD).read_text()).get("files") or [])
+    except (OSError, ValueError, AttributeError):
+        return
+    if not ours:
+        return  # written before Pare listed its files
+    foreign = sorted(p for p in old.iterdir() if p.name not in ours and p.name not in OWN_EXTRAS
+                     and not (new / p.name).exists())
+    for p in foreign:
+        (shutil.copytree if p.is_dir() else shutil.copy2)(p, new / p.name)
+    if foreign:
+        print0(f"note: {old} held {len(foreign)} file(s) Pare did not write, kept in the new "
+               f"output: {', '.join(p.name for p in foreign)}")
+
+
 def write_checkpoint(model, source: str, out_dir, record: dict, dtype: torch.dtype | None = None,
                      ) -> Path:
     """Save `model` as an HF directory at `out_dir`, atomically, with Pare's `record` (whose
@@ -988,7 +1167,10 @@ def write_checkpoint(model, source: str, out_dir, record: dict, dtype: torch.dty
             GenerationConfig.from_pretrained(source).save_pretrained(tmp)
         except OSError:
             print0(f"warning: {source} has no generation_config.json; none written")
-        (tmp / RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")
+        files = sorted([p.name for p in tmp.iterdir()] + [RECORD])
+        (tmp / RECORD).write_text(json.dumps({**record, "files": files}, indent=2, default=str)
+                                  + "\n")
+        keep_foreign_files(Path(out_dir), tmp)
 
     return write_atomic(Path(out_dir), write, lambda p: is_record_of(p, record["stage"]))
 

@@ -8,10 +8,12 @@ Forward KL(teacher || student) on the logits at temperature 1, no cross-entropy 
 15-16), a chunk of tokens at a time; plus a cosine loss on mapped hidden states after a large
 depth cut. The options live in flat modules imported only when their knob is on:
 teacher_cache.py (TEACHER_CACHE), on_policy.py (ON_POLICY), selection.py (several STUDENTs),
-sharding.py (FSDP); checkpoints.py holds the checkpoint format. README.md is the manual.
+sharding.py (FSDP); checkpoints.py holds the checkpoint format, costs.py the FLOP and memory
+arithmetic. README.md is the manual.
 """
 
 import contextlib
+import copy
 import dataclasses
 import math
 import time
@@ -242,8 +244,6 @@ def cosine_loss(h_s: torch.Tensor, h_t: torch.Tensor) -> torch.Tensor:
     return (1 - torch.nn.functional.cosine_similarity(h_s.float(), h_t.float(), dim=-1)).mean()
 
 
-# ---- the models -----------------------------------------------------------------------------
-
 @dataclasses.dataclass(frozen=True)
 class LossSettings:
     """The logit loss's recipe (distill.py's _TEMPERATURE, _KL_WEIGHT, _CE_WEIGHT, _CHUNK_TOKENS,
@@ -255,6 +255,9 @@ class LossSettings:
     divergence: str = "forward_kl"
     jsd_beta: float = 0.5
 
+
+
+# ---- the models -----------------------------------------------------------------------------
 
 @contextlib.contextmanager
 def hidden_states(model, indices):
@@ -379,6 +382,12 @@ def live_teacher(cfg, record: dict, s_conf, tokenizer) -> tuple:
                                    f"source model; set TEACHER")
         teacher = record["source_model"]
         constant = f"source_model in {Path(cfg.STUDENT) / common.RECORD}"
+        now = common.fingerprint(teacher, constant) if common.model_files(teacher) else None
+        if now is not None and record.get("source_fingerprint") not in (None, now):
+            raise common.UserError(f"{teacher!r} ({constant}) holds other weights now than the "
+                                   f"model STUDENT was pruned from (fingerprint "
+                                   f"{record['source_fingerprint']}, now {now}); set TEACHER to "
+                                   f"that model")
     try:
         t_conf = common.load_config(teacher, constant)
     except common.UserError as e:
@@ -393,13 +402,14 @@ def live_teacher(cfg, record: dict, s_conf, tokenizer) -> tuple:
     if cfg.TEACHER_CACHE and cfg.TOPK > t_conf.vocab_size:
         raise common.UserError(f"TOPK={cfg.TOPK} exceeds the vocabulary ({t_conf.vocab_size} "
                                f"tokens); at most that (which caches every logit)")
-    return teacher, common.fingerprint(teacher, constant), t_conf
+    return common.recorded_name(teacher), common.fingerprint(teacher, constant), t_conf
 
 
-def cache_data(cfg) -> dict:
+def cache_data(cfg, eval_dataset: str | None, seed: int) -> dict:
     """The settings that decide which rows a teacher cache holds, in which order."""
     return {"DATASET": cfg.DATASET, "SEQ_LEN": cfg.SEQ_LEN, "EVAL_SAMPLES": cfg.EVAL_SAMPLES,
-            "_EVAL_DATASET": _EVAL_DATASET, "_SEED": _SEED}
+            "_EVAL_DATASET": eval_dataset, "_SEED": seed,
+            "data_fingerprint": common.data_fingerprint(cfg.DATASET)}
 
 
 def resolve_models(cfg) -> Models:
@@ -415,10 +425,11 @@ def resolve_models(cfg) -> Models:
     # record must hold what distill reads: the teacher, and the kept layers and channels
     record = common.read_record(cfg.STUDENT, ("stage", "source_model", "source_shape", "kept")) or {}
     tokenizer = common.load_tokenizer(cfg.STUDENT, "STUDENT")
-    student = (cfg.STUDENT, common.fingerprint(cfg.STUDENT, "STUDENT"), record, s_conf, tokenizer)
+    student = (common.recorded_name(cfg.STUDENT), common.fingerprint(cfg.STUDENT, "STUDENT"),
+               record, s_conf, tokenizer)
     if cfg.TEACHER_CACHE:  # an existing cache names its teacher: (name, fingerprint, layers)
         import teacher_cache
-        teacher = teacher_cache.teacher_of(cfg.TEACHER_CACHE, cache_data(cfg), cfg.TOPK,
+        teacher = teacher_cache.teacher_of(cfg.TEACHER_CACHE, cache_data(cfg, _EVAL_DATASET, _SEED), cfg.TOPK,
                                            cfg.TEACHER, cfg.STUDENT, s_conf, tokenizer)
         if teacher is not None:
             return Models(*student, teacher[0], teacher[1], None, teacher[2])
@@ -427,6 +438,7 @@ def resolve_models(cfg) -> Models:
 
 
 def load_teacher(name: str, device: str, dtype: torch.dtype):
+    """The teacher, frozen (the one place distill.py loads it: tests watch it)."""
     return common.load_model(name, device, dtype, "TEACHER").requires_grad_(False)
 
 
@@ -477,7 +489,8 @@ def hidden_loss_pairs(m: Models, teacher, n_layers: int, depth_cut: float) -> li
     return hidden_pairs(kept, n_source, n_t, n_layers)
 
 
-def build_distiller(student, teacher, m: Models, loss: LossSettings, pairs: list) -> Distiller:
+def build_distiller(student, teacher, m: Models, loss: LossSettings, pairs: list,
+                    depth_cut: float) -> Distiller:
     """The Distiller of `student`: with the hidden-state map when `pairs` are trained (initialised
     from the kept hidden channels when the teacher is the model the student was pruned from)."""
     proj = torch.nn.Identity()
@@ -487,7 +500,7 @@ def build_distiller(student, teacher, m: Models, loss: LossSettings, pairs: list
         proj = make_proj(m.s_conf.hidden_size, teacher.config.hidden_size, kept_hidden)
     n_s, n_t = m.s_conf.num_hidden_layers, m.t_layers
     common.print0(f"hidden_loss: {'on, (student, teacher) hidden states ' + str(pairs) if pairs else 'off'} "
-                  f"(depth cut {1 - n_s / n_t:.0%}, threshold {_HIDDEN_LOSS_DEPTH_CUT:.0%})")
+                  f"(depth cut {1 - n_s / n_t:.0%}, threshold {depth_cut:.0%})")
     return Distiller(student, proj.to(student.device), pairs, loss)
 
 
@@ -565,31 +578,34 @@ class Batches:
         self.position = progress["data"] if progress else common.start_position()
         self.rows = common.row_stream(cfg.DATASET, tokenizer, cfg.SEQ_LEN, seed, held.skip_rows,
                                       self.position)  # keeps self.position up to date
-        self.prompt_position, self.prompts = None, None
+        self.prompt_position, self.prompts, self.is_sampled_step = None, None, None
         if cfg.ON_POLICY > 0:
             import on_policy
             self.prompt_position = dict(progress["prompts"] if progress
                                         else on_policy.start(held.skip_documents))
             self.prompts = on_policy.prompt_stream(cfg.DATASET, tokenizer, cfg.SEQ_LEN, seed,
                                                    self.prompt_position, prompt_share, strict=False)
+            self.is_sampled_step = on_policy.is_sampled_step
+
+    def snapshot(self) -> dict:
+        """Where the streams stand now, for a checkpoint (copies: reading goes on)."""
+        return {"data": copy.deepcopy(self.position), "prompts": copy.deepcopy(self.prompt_position)}
 
     def next(self, step: int) -> tuple:
         """The batch of optimizer step `step` (1-based)."""
-        if self.prompts is not None:
-            import on_policy
-            if on_policy.is_sampled_step(step, self.share, self.seed):
-                return "sample", local_batch(self.prompts, self.global_batch, self.rank,
-                                             self.world, stack=False)
+        if self.prompts is not None and self.is_sampled_step(step, self.share, self.seed):
+            return "sample", local_batch(self.prompts, self.global_batch, self.rank, self.world,
+                                         stack=False)
         return "rows", local_batch(self.rows, self.global_batch, self.rank, self.world)
 
 
-# ---- one optimizer step ---------------------------------------------------------------------
+# ---- one optimizer step, and what it works on -----------------------------------------------
 
 @dataclasses.dataclass
 class Run:
     """What the training of every student in one invocation shares."""
     acc: object               # accelerate's Accelerator: the processes
-    device: str               # DEVICE resolved ('cuda' or 'cpu')
+    device_type: str          # DEVICE resolved ('cuda' or 'cpu')
     dtype: torch.dtype        # the teacher's
     shard: bool               # FSDP
     schedule: Schedule
@@ -606,7 +622,8 @@ class Run:
         return self.acc.process_index
 
     @property
-    def dev(self) -> str:
+    def device(self) -> str:
+        """Where this process computes ('cuda:0', 'cpu')."""
         return str(self.acc.device)
 
 
@@ -629,7 +646,7 @@ def train_step(parts: Parts, run: Run, rows: torch.Tensor, grad_clip: float,
     (gradients clipped at `grad_clip`, not yet applied): the mean loss, KL, CE, hidden loss and
     gradient norm over all processes. `cached`: the rows' targets from a teacher cache (then no
     teacher runs); `mask`: the predictions that carry loss (on-policy rows; None: all)."""
-    acc, dev, model, pairs = run.acc, run.dev, parts.model, parts.pairs
+    acc, dev, model, pairs = run.acc, run.device, parts.model, parts.pairs
     kl_on = parts.inner.loss.kl_weight > 0
     micro = rows.view(run.schedule.accum, -1, rows.shape[-1]).to(dev)
     masks = (mask.view(run.schedule.accum, -1, mask.shape[-1]).to(dev) if mask is not None
@@ -732,7 +749,7 @@ def flops_per_token(parts: Parts, run: Run, seq_len: int) -> float:
     t_flops = (costs.forward_flops_per_token(parts.teacher.config, seq_len, lm_head=kl_on)
                if (kl_on or parts.pairs) and run.cache is None else 0)
     flops = 3 * costs.forward_flops_per_token(parts.inner.student.config, seq_len) + t_flops
-    peak = costs.peak_tflops(run.dev, _PEAK_TFLOPS)
+    peak = costs.peak_tflops(run.device, _PEAK_TFLOPS)
     common.print0(f"flops: {flops / 1e9:.3f} GFLOP per token (student forward+backward 3x"
                   f"{', teacher forward 1x' if t_flops else ', no teacher forward'}); MFU against "
                   f"{f'{peak:g} TFLOP/s per device' if peak else 'no known peak (_PEAK_TFLOPS)'}")
@@ -740,10 +757,10 @@ def flops_per_token(parts: Parts, run: Run, seq_len: int) -> float:
 
 
 def one_step(parts: Parts, run: Run, batch: tuple, tally: Tally, sampler, root: Path,
-             global_batch: int) -> dict:
-    """Optimizer step tally.step + 1 on `batch` (kind, rows or prompts): sample (on-policy),
-    forward and backward, check the loss, apply the update; the tally moves on."""
-    t0 = time.time()
+             global_batch: int, t0: float) -> dict:
+    """Optimizer step tally.step + 1 on `batch` (kind, rows or prompts), read since `t0`:
+    sample (on-policy), forward and backward, check the loss, apply the update; the tally
+    moves on."""
     kind, rows = batch
     mask = None
     if kind == "sample":  # the student continues the prompts; only its tokens carry loss
@@ -775,24 +792,24 @@ def log_line(step: int, run: Run, s: dict, pairs: list) -> str:
             f"{s['seconds']:.2f}s{' | sampled' if s['sampled'] else ''}")
 
 
-def progress_of(tally: Tally, run: Run, batches: Batches, settings: dict, m: Models,
+def progress_of(tally: Tally, run: Run, positions: dict, settings: dict, m: Models,
                 scheduler) -> dict:
-    """What a checkpoint's progress.json holds (checkpoints.PROGRESS_KEYS)."""
+    """What a checkpoint's progress.json holds (checkpoints.PROGRESS_KEYS); `positions`: where
+    the data streams stood after the step (Batches.snapshot)."""
     return dict(step=tally.step, tokens=tally.tokens, world=run.world, fsdp=run.shard,
-                data=batches.position, prompts=batches.prompt_position, ref_loss=tally.ref_loss,
-                start=tally.start, settings=settings, student=m.student_id, teacher=m.teacher_id,
-                scheduler=scheduler.state_dict())
+                **positions, ref_loss=tally.ref_loss, start=tally.start, settings=settings,
+                student=m.student_id, teacher=m.teacher_id, scheduler=scheduler.state_dict())
 
 
 def run_summary(tally: Tally, run: Run, flops_token: float, sampler) -> dict:
     """The numbers a run reports (print_summary) and records (pare.json)."""
     tok_s = tally.run_tokens / tally.seconds if tally.run_tokens else 0.0
     tflops = tok_s * flops_token / run.world / 1e12  # per device
-    peak = costs.peak_tflops(run.dev, _PEAK_TFLOPS)
+    peak = costs.peak_tflops(run.device, _PEAK_TFLOPS)
     return {"steps": tally.step, "max_steps": run.schedule.max_steps, "tokens": tally.tokens,
             "losses": tally.losses, "start": tally.start, "final": tally.metrics,
             "tokens_per_s": tok_s, "tflops_per_device": tflops,
-            "mfu": tflops / peak if peak else None, "peak_memory_gib": costs.peak_memory_gib(run.dev)[0],
+            "mfu": tflops / peak if peak else None, "peak_memory_gib": costs.peak_memory_gib(run.device)[0],
             "sampling": sampler.summary(tally.seconds, run.acc) if sampler else None,
             "finished": tally.step >= run.schedule.max_steps, "output": None}
 
@@ -800,10 +817,11 @@ def run_summary(tally: Tally, run: Run, flops_token: float, sampler) -> dict:
 def train(cfg, m: Models, run: Run, parts: Parts, batches: Batches, first: tuple | None,
           progress: dict | None, root: Path) -> dict:
     """The training loop from the checkpoint `progress` (None: the start) to the schedule's
-    stop: steps, log lines, held-out evaluations, checkpoints, and a checkpoint then a stop on
-    the first Ctrl-C or SIGTERM. `first`: the first step's batch, read before the models
-    loaded (so that data errors come first). Returns the run summary."""
-    sched, settings = run.schedule, {**vars(cfg), **common.recipe(globals())}
+    stop: steps, log lines, held-out evaluations, checkpoints, and a checkpoint then a stop
+    after the step in which Ctrl-C or SIGTERM came (see common.stop_requests). `first`: the
+    first step's batch, read before the models loaded (so that data errors come first).
+    Returns the run summary."""
+    sched, settings = run.schedule, run_settings(cfg)
     evaluating = common.is_first_process() or run.shard  # under FSDP every process takes part
     tally = begin(parts, run, progress, cfg.BATCH_SIZE)
     flops = flops_per_token(parts, run, cfg.SEQ_LEN)
@@ -813,32 +831,39 @@ def train(cfg, m: Models, run: Run, parts: Parts, batches: Batches, first: tuple
         sampler = on_policy.Sampler.of(m.s_conf, m.tokenizer, cfg.SEQ_LEN, _GEN_TEMPERATURE)
     bar = tqdm(total=sched.stop, initial=tally.step, desc="distill",
                disable=not common.is_first_process())
-    with common.stop_requests() as request:
-        while tally.step < sched.stop:
+    while tally.step < sched.stop:
+        t0, positions = time.time(), batches.snapshot()
+        try:
             batch = first if first is not None else batches.next(tally.step + 1)
-            first = None
-            s = one_step(parts, run, batch, tally, sampler, root, cfg.GLOBAL_BATCH)
-            step = tally.step
-            bar.update(1)
-            if step % _LOG_EVERY == 0 or step == sched.stop:
-                common.print0(log_line(step, run, s, parts.pairs))
-            if len(run.held.rows) and (step % _EVAL_EVERY == 0 or step == sched.stop) and evaluating:
-                tally.metrics = held_out(parts, run, cfg.BATCH_SIZE)
-                common.print0(f"eval step {step:>6} | kl {tally.metrics['kl']:.4f} | ppl "
-                              f"{tally.metrics['student_ppl']:.3f}")
-            stop = request["stop"] and step < sched.max_steps
-            if run.world > 1:  # every process stops at the same step
-                stop = bool(run.acc.reduce(torch.tensor(float(stop), device=run.dev), "sum").item())
-            if stop or (_CHECKPOINT_EVERY and step % _CHECKPOINT_EVERY == 0) or (
-                    step == sched.stop and sched.checkpoint_at_stop):
-                path = checkpoints.save(root, progress_of(tally, run, batches, settings, m,
-                                                          parts.scheduler),
-                                        parts.model, parts.optimizer, run.acc, run.shard,
-                                        _KEEP_CHECKPOINTS)
-            if stop:
-                bar.close()
-                raise common.Interrupted(f"stopped after step {step}: checkpoint {path}; run the "
-                                         f"same command again to resume")
+        except common.UserError as e:  # a bad record deep in a streamed dataset: keep the steps
+            path = checkpoints.save(root, progress_of(tally, run, positions, settings, m,
+                                                      parts.scheduler),
+                                    parts.model, parts.optimizer, run.acc, run.shard,
+                                    _KEEP_CHECKPOINTS)
+            raise common.UserError(f"{e} (read for step {tally.step + 1}; checkpoint {path})") from None
+        first = None
+        s = one_step(parts, run, batch, tally, sampler, root, cfg.GLOBAL_BATCH, t0)
+        step = tally.step
+        bar.update(1)
+        if step % _LOG_EVERY == 0 or step == sched.stop:
+            common.print0(log_line(step, run, s, parts.pairs))
+        if len(run.held.rows) and (step % _EVAL_EVERY == 0 or step == sched.stop) and evaluating:
+            tally.metrics = held_out(parts, run, cfg.BATCH_SIZE)
+            common.print0(f"eval step {step:>6} | kl {tally.metrics['kl']:.4f} | ppl "
+                          f"{tally.metrics['student_ppl']:.3f}")
+        stop = common.stop_requested() and step < sched.max_steps
+        if run.world > 1:  # every process stops at the same step
+            stop = bool(run.acc.reduce(torch.tensor(float(stop), device=run.device), "sum").item())
+        if stop or (_CHECKPOINT_EVERY and step % _CHECKPOINT_EVERY == 0) or (
+                step == sched.stop and sched.checkpoint_at_stop):
+            path = checkpoints.save(root, progress_of(tally, run, batches.snapshot(), settings, m,
+                                                      parts.scheduler),
+                                    parts.model, parts.optimizer, run.acc, run.shard,
+                                    _KEEP_CHECKPOINTS)
+        if stop:
+            bar.close()
+            raise common.Interrupted(f"stopped after step {step}: checkpoint {path}; run the "
+                                     f"same command again to resume")
     bar.close()
     if not tally.metrics and len(run.held.rows) and evaluating:  # resumed at the last step
         tally.metrics = held_out(parts, run, cfg.BATCH_SIZE)
@@ -847,23 +872,33 @@ def train(cfg, m: Models, run: Run, parts: Parts, batches: Batches, first: tuple
 
 # ---- one student's run ----------------------------------------------------------------------
 
+def run_settings(cfg) -> dict:
+    """What a checkpoint records of how it was made and a resume compares: the knobs, the recipe
+    and the content of local data files (an edited DATASET would silently change the rows); of
+    TEACHER_CACHE only whether there is one (a moved cache still resumes: teacher_cache.py
+    checks its manifest against the run)."""
+    return {**vars(cfg), **common.recipe(globals()),
+            "TEACHER_CACHE": cfg.TEACHER_CACHE is not None,  # a cache is known by its manifest
+            "data_fingerprint": common.data_fingerprint(cfg.DATASET),
+            "eval_data_fingerprint": common.data_fingerprint(_EVAL_DATASET or "")}
+
+
 def resume_point(cfg, m: Models, root: Path, run: Run) -> tuple:
     """(the latest checkpoint under `root`, its progress), checked to continue this run; (None,
     None) at the start."""
-    return checkpoints.latest(root, {**vars(cfg), **common.recipe(globals())}, RESUMABLE,
-                              m.ids(), run.shard, run.world)
+    return checkpoints.latest(root, run_settings(cfg), RESUMABLE, m.ids(), run.shard, run.world)
 
 
 def build(cfg, m: Models, run: Run, teacher=None) -> Parts:
     """Load the student (and the teacher, unless given or a cache stands in), build the
     Distiller, shard it or wrap it for DDP, and make its optimizer and LR schedule."""
-    student, teacher = load_pair(cfg, m, run.dtype, run.dev, run.shard, run.rank, teacher,
+    student, teacher = load_pair(cfg, m, run.dtype, run.device, run.shard, run.rank, teacher,
                                  run.cache is not None)
     pairs = hidden_loss_pairs(m, teacher, _HIDDEN_LOSS_LAYERS, _HIDDEN_LOSS_DEPTH_CUT)
-    model = build_distiller(student, teacher, m, run.loss, pairs)
+    model = build_distiller(student, teacher, m, run.loss, pairs, _HIDDEN_LOSS_DEPTH_CUT)
     if run.shard:
         import sharding
-        sharding.shard(model, teacher, run.dev, run.world, run.rank, run.device.startswith("cuda"))
+        sharding.shard(model, teacher, run.device, run.world, run.rank, run.device_type.startswith("cuda"))
     optimizer, scheduler = make_optimizer(model, cfg.LR, run.schedule.warmup, run.schedule.max_steps)
     if cfg.ON_POLICY > 0 and run.rank > 0:  # each process samples with its own random numbers (a
         torch.manual_seed(_SEED + run.rank)  # resumed run restores its saved state instead)
@@ -878,7 +913,7 @@ def restore(parts: Parts, run: Run, saved: Path, progress: dict):
     if run.shard:
         checkpoints.load_sharded(saved, parts.model, parts.optimizer, run.rank)
     else:
-        checkpoints.load_state(saved, parts.inner, parts.optimizer, run.rank, run.dev)
+        checkpoints.load_state(saved, parts.inner, parts.optimizer, run.rank, run.device)
     parts.scheduler.load_state_dict(progress["scheduler"])
     common.print0(f"resume: {saved} (step {progress['step']}, {progress['tokens']} tokens seen)")
 
@@ -895,8 +930,8 @@ def write_output(cfg, m: Models, run: Run, parts: Parts, summary: dict, out_dir:
     record = dict(m.record) if m.record else {"source_model": m.teacher}
     shape = common.shape_of(m.s_conf)
     record.update(stage="distill", versions=common.versions(), lineage=common.lineage(
-        cfg.STUDENT, shape, m.student_id, "STUDENT"), distill={
-        "config": vars(cfg), "recipe": common.recipe(globals()), "student": cfg.STUDENT,
+        m.student, shape, m.student_id, "STUDENT"), distill={
+        "config": vars(cfg), "recipe": common.recipe(globals()), "student": m.student,
         "student_fingerprint": m.student_id, "teacher": m.teacher,
         "teacher_fingerprint": m.teacher_id, "steps": summary["steps"],
         "tokens_seen": summary["tokens"], "processes": run.world, "fsdp": run.shard,
@@ -925,7 +960,7 @@ def distill_one(cfg, m: Models, run: Run, root: Path, out_dir: Path, stop: int, 
     first = batches.next(step + 1) if step < stop else None  # data errors before any load
     if teacher is None:
         costs.print_memory(m.s_conf, None if run.cache else m.t_conf, run.dtype,
-                     run.world if run.shard else 1, run.device)
+                     run.world if run.shard else 1, run.device_type)
     from accelerate.utils import set_seed
     set_seed(_SEED)
     t0 = time.time()
@@ -934,17 +969,22 @@ def distill_one(cfg, m: Models, run: Run, root: Path, out_dir: Path, stop: int, 
         restore(parts, run, saved, progress)
     common.print0(f"models: student {cfg.STUDENT} {m.s_conf.architectures} "
                   f"{m.s_conf.num_hidden_layers} layers, teacher {m.teacher} {m.t_layers} layers"
-                  f"{' (from its cache)' if run.cache else ''}, on {run.dev} ({run.world} "
+                  f"{' (from its cache)' if run.cache else ''}, on {run.device} ({run.world} "
                   f"process{'es' if run.world > 1 else ''}), loaded in {time.time() - t0:.1f}s")
     sched = run.schedule
     common.print0(f"batch: {cfg.GLOBAL_BATCH} rows x {cfg.SEQ_LEN} tokens = "
                   f"{sched.tokens_per_step} tokens/step = {run.world} processes x {sched.accum} "
                   f"micro-batches x {cfg.BATCH_SIZE} rows; {sched.max_steps} steps = "
                   f"{sched.max_steps * sched.tokens_per_step / 1e6:.2f}M tokens")
-    summary = train(cfg, m, run, parts, batches, first, progress, root)
-    if summary["finished"] or always_write:
-        write_output(cfg, m, run, parts, summary, out_dir)
-        summary["output"] = str(out_dir)
+    # a signal from here on stops after a step with a checkpoint, never inside the output's write
+    with common.stop_requests("stopping after this step with a checkpoint"):
+        summary = train(cfg, m, run, parts, batches, first, progress, root)
+        if summary["finished"] or always_write:
+            write_output(cfg, m, run, parts, summary, out_dir)
+            summary["output"] = str(out_dir)
+    if summary["finished"] and not always_write:  # the output is complete: a rerun starts
+        run.acc.wait_for_everyone()                # afresh, not from these checkpoints
+        checkpoints.clear(root)
     run.acc.free_memory()  # the accelerator forgets this student and its optimizer
     return summary
 
@@ -957,7 +997,8 @@ def open_teacher_cache(cfg, m: Models, run: Run, n_rows: int):
     import teacher_cache
     path = Path(cfg.TEACHER_CACHE).expanduser()
     manifest = teacher_cache.read_manifest(path) or teacher_cache.create(path, teacher_cache.new_manifest(
-        m.teacher, m.teacher_id, m.t_layers, m.tokenizer, m.t_conf.vocab_size, cache_data(cfg),
+        m.teacher, m.teacher_id, m.t_layers, m.tokenizer, m.t_conf.vocab_size,
+        cache_data(cfg, _EVAL_DATASET, _SEED),
         cfg.TOPK, _CACHE_DTYPE, _CACHE_SHARD_ROWS))
 
     def rows():
@@ -965,9 +1006,9 @@ def open_teacher_cache(cfg, m: Models, run: Run, n_rows: int):
                                  common.start_position())
 
     def teacher(name: str):
-        return load_teacher(name, run.dev, run.dtype)
-    return teacher_cache.prepare(path, manifest, n_rows, rows, run.held.rows, cfg.BATCH_SIZE,
-                                 _CHUNK_TOKENS, run.acc, teacher)
+        return load_teacher(name, run.device, run.dtype)
+    return teacher_cache.prepare(path, manifest, n_rows, rows, run.held.rows, cfg.SEQ_LEN,
+                                 cfg.BATCH_SIZE, _CHUNK_TOKENS, run.acc, teacher)
 
 
 def select_then_distill(cfg, runs: list, models: list, run: Run, plan, root: Path,
@@ -975,12 +1016,14 @@ def select_then_distill(cfg, runs: list, models: list, run: Run, plan, root: Pat
     """selection.py's funnel between several students, each round's candidates trained by
     `distill_one` next to one teacher loaded once, then the winner's run."""
     import selection
-    costs.print_memory(models[0].s_conf, None if run.cache else models[0].t_conf, run.dtype, 1, run.device)
-    teacher = None if run.cache else load_teacher(models[0].teacher, run.dev, run.dtype)
+    costs.print_memory(models[0].s_conf, None if run.cache else models[0].t_conf, run.dtype, 1,
+                       run.device_type)
+    teacher = None if run.cache else load_teacher(models[0].teacher, run.device, run.dtype)
 
-    def train(knobs, m: Models, ckpt_root: Path, out: Path, stop: int, always_write: bool):
+    def train_candidate(knobs, m: Models, ckpt_root: Path, out: Path, stop: int,
+                        always_write: bool):
         return distill_one(knobs, m, run, ckpt_root, out, stop, teacher, always_write)
-    return selection.select(cfg, runs, models, plan, run, root, out_dir, train)
+    return selection.select(cfg, runs, models, plan, run, root, out_dir, train_candidate)
 
 
 # ---- the stage ------------------------------------------------------------------------------
@@ -1115,6 +1158,10 @@ def main(argv: list[str]) -> dict:
         plan = selection.Plan(ends, funnel, select_dir, selection.settings(
             vars(cfg), common.recipe(globals()), RESUMABLE, models, ends))
     warn_small_run_traps(cfg, sched, device)
+    for m in models:  # sampling (ON_POLICY) needs the room as much as training
+        common.check_positions(m.s_conf, cfg.SEQ_LEN, "STUDENT")
+        if m.t_conf is not None:
+            common.check_positions(m.t_conf, cfg.SEQ_LEN, "the teacher")
     held = held_out_rows(cfg, models[0].tokenizer, _EVAL_DATASET, _SEED)  # before any model loads
     run = Run(acc, device, common.pick_dtype(_DTYPE, device), cfg.FSDP, sched, held,
               LossSettings(_TEMPERATURE, _KL_WEIGHT, _CE_WEIGHT, _CHUNK_TOKENS, cfg.DIVERGENCE,
@@ -1125,11 +1172,11 @@ def main(argv: list[str]) -> dict:
             on_policy.check_inputs(cfg.DATASET, m.s_conf, m.tokenizer, cfg.SEQ_LEN, _SEED,
                                    on_policy.start(held.skip_documents), cfg.GLOBAL_BATCH,
                                    _PROMPT_SHARE)
+    if plan is not None:  # a selection that could not continue is refused before any load
+        selection.read_record(plan.select_dir, plan.settings)
     if cfg.TEACHER_CACHE:  # the rows of the whole run (the winner's too when selecting)
         if plan is None:  # a run that could not resume is refused before the fill
             resume_point(cfg, models[0], root, run)
-        else:
-            selection.read_record(plan.select_dir, plan.settings)
         last = plan.ends[-1] if plan and cfg.MAX_STEPS is None else sched.stop
         run.cache = open_teacher_cache(cfg, models[0], run, last * cfg.GLOBAL_BATCH)
     if plan is None:

@@ -301,9 +301,11 @@ def scores_meta(cfg, config, model_id: str, dtype: torch.dtype, calib, held_out)
     """How the scores were made: the `meta` entry of the scores file (prune.py checks it)."""
     return {
         "stage": "importance", "config": vars(cfg), "recipe": common.recipe(globals()),
-        "model": cfg.MODEL, "fingerprint": model_id, "architecture": config.architectures,
+        "model": common.recorded_name(cfg.MODEL), "fingerprint": model_id,
+        "architecture": config.architectures,
         "model_type": config.model_type, "layer_types": common.layer_types(config),
         "shape": {**common.shape_of(config), "vocab_size": config.vocab_size},
+        "data_fingerprint": common.data_fingerprint(cfg.DATASET),
         "num_samples": len(calib), "num_tokens": calib.numel(), "loss_samples": len(held_out),
         "loss_tokens": len(held_out) * (cfg.SEQ_LEN - 1), "dtype": str(dtype).removeprefix("torch."),
         "versions": common.versions(), "created": common.now(),
@@ -312,7 +314,7 @@ def scores_meta(cfg, config, model_id: str, dtype: torch.dtype, calib, held_out)
 
 def same_run(a: dict, b: dict) -> bool:
     """Whether two metas describe the same scoring run (model content, data, settings)."""
-    keys = ("fingerprint", "recipe", "num_samples", "loss_samples", "dtype")
+    keys = ("fingerprint", "data_fingerprint", "recipe", "num_samples", "loss_samples", "dtype")
     config = lambda m: {k: v for k, v in m["config"].items() if k != "OUTPUT"}  # noqa: E731
     return all(a.get(k) == b.get(k) for k in keys) and config(a) == config(b)
 
@@ -353,12 +355,14 @@ def is_gram_file(path: Path) -> bool:
 def write_grams(path: Path, grams: dict, tokens: int) -> dict:
     """The Grams as one safetensors file ("mlp.{layer}", "attention.{layer}"; prune.py reads
     them a layer at a time through a memory map), written atomically; returns the meta entry."""
+    import uuid
     from safetensors.torch import save_file
     tensors = {f"{key}.{i}": g.cpu().contiguous() for key, per in grams.items()
                for i, g in enumerate(per)}
+    pair = uuid.uuid4().hex  # the scores that name this id are the ones these Grams belong to
     common.write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata={
-        "stage": "importance", "tokens": str(tokens)}), is_gram_file)
-    return {"file": path.name, "tokens": tokens}
+        "stage": "importance", "tokens": str(tokens), "id": pair}), is_gram_file)
+    return {"file": path.name, "tokens": tokens, "id": pair}
 
 
 def scoring_pass(model, family, calib: torch.Tensor, batch_size: int, meta: dict, out_path: Path
@@ -366,6 +370,11 @@ def scoring_pass(model, family, calib: torch.Tensor, batch_size: int, meta: dict
     """collect_scores, its Grams (first _GRAM_ROWS rows) written next to OUTPUT, and the result
     saved as OUTPUT.partial, so that an interrupt from here on keeps it."""
     scores = collect_scores(model, family, calib, batch_size, gram_rows=_GRAM_ROWS)
+    bad = [k for k in ("mlp", "attention", "attn_ln", "ffn_ln") if not torch.isfinite(scores[k]).all()]
+    if bad:  # a NaN score would rank nothing: refuse rather than write it
+        raise common.UserError(f"MODEL={meta['model']!r} gives NaN or infinite activations "
+                               f"({', '.join(bad)}): its weights are damaged or overflow in "
+                               f"{meta['dtype']}; check the checkpoint (nothing was written)")
     scores.pop("tokens")
     grams = scores.pop("grams", None)
     meta["gram"] = (write_grams(gram_path(out_path), grams, scores.pop("gram_tokens"))
@@ -457,6 +466,7 @@ def main(argv: list[str]) -> dict:
                             is_gram_file)
     config = common.load_config(cfg.MODEL)
     family = common.family_of(config)
+    common.check_positions(config, cfg.SEQ_LEN)
     device = common.pick_device(cfg.DEVICE)
     dtype = common.pick_dtype(_DTYPE, device)
     model_id = common.fingerprint(cfg.MODEL)

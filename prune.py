@@ -42,9 +42,9 @@ TARGET_SPEEDUP: float | None = None    # decode at batch 1 this many x faster th
 SAVE_TOP = 1                           # best searched candidates written: OUTPUT, OUTPUT-2, ...
 REPAIR = True                          # refit down_proj / o_proj to the kept neurons and heads by
                                        # least squares on SCORES' statistics (when it has them)
-DATASET = "allenai/Dolci-Instruct-SFT" # held-out data: hub dataset or local .txt/.jsonl/.parquet
+DATASET: str | None = None             # held-out data: hub dataset or local file; None: SCORES'
 NUM_SAMPLES = 16                       # held-out packed rows (zero-shot metrics, depth, ranking)
-SEQ_LEN = 4096                         # tokens per held-out row
+SEQ_LEN: int | None = None             # tokens per held-out row; None: SCORES' SEQ_LEN
 DEVICE: str | None = None              # 'cuda', 'cpu', 'cuda:1'; None: cuda when available
 OUTPUT = "out/pruned"                  # checkpoint directory; distill.py reads this path by default
 
@@ -204,7 +204,8 @@ def check_knobs(cfg):
         if value not in valid:
             raise common.UserError(f"{name}={value!r} in prune.py: one of {valid}")
     common.at_least(cfg, 1, "NUM_SAMPLES", "SAVE_TOP")
-    common.at_least(cfg, 2, "SEQ_LEN")
+    if cfg.SEQ_LEN is not None:
+        common.at_least(cfg, 2, "SEQ_LEN")
     shape_targets = [n for n in TARGETS if getattr(cfg, n) is not None]
     if cfg.TARGET_PARAMS is not None:
         if shape_targets:
@@ -231,6 +232,16 @@ def output_paths(cfg, inputs: dict) -> list[Path]:
     names = [cfg.OUTPUT] + [f"{cfg.OUTPUT.rstrip('/')}-{r}" for r in range(2, cfg.SAVE_TOP + 1)]
     return [common.check_output(n, "OUTPUT", inputs, lambda p: common.is_record_of(p, "prune"))
             for n in names]
+
+
+def held_out_defaults(cfg, meta: dict):
+    """DATASET and SEQ_LEN left None take the values SCORES was made with (so that the held-out
+    rows are the same kind of text, at a length the model was scored at)."""
+    took = [k for k in ("DATASET", "SEQ_LEN") if getattr(cfg, k) is None]
+    for k in took:
+        setattr(cfg, k, meta["config"][k])
+    if took:
+        print(f"held-out data: {', '.join(f'{k}={getattr(cfg, k)!r}' for k in took)} (from SCORES)")
 
 
 def held_out_rows(cfg, tokenizer, meta: dict) -> torch.Tensor:
@@ -630,6 +641,13 @@ def open_grams(scores_path: str, meta: dict):
     if not path.is_file():
         raise common.UserError(f"SCORES' repair statistics {path} are missing; rerun "
                                f"importance_analysis.py or set REPAIR=False")
+    with safe_open(str(path), "pt") as f:  # written by the same run as the scores?
+        pair = (f.metadata() or {}).get("id")
+    if pair is None or pair != meta["gram"].get("id"):
+        raise common.UserError(f"the repair statistics {path} belong to another run of "
+                               f"importance_analysis.py than SCORES={scores_path!r} (an "
+                               f"interrupted or concurrent run?); rerun importance_analysis.py "
+                               f"or set REPAIR=False")
 
     def grams(key: str, layer: int) -> torch.Tensor:
         with safe_open(str(path), "pt") as f:
@@ -884,10 +902,12 @@ def main(argv: list[str]) -> dict:
     cfg = common.configure(globals(), argv)
     check_knobs(cfg)
     scores = load_scores(cfg.SCORES)
-    model = cfg.MODEL or scores["meta"]["model"]
+    held_out_defaults(cfg, scores["meta"])
+    model = common.recorded_name(cfg.MODEL or scores["meta"]["model"])  # as recorded: resolved
     outputs = output_paths(cfg, {"MODEL": model, "SCORES": cfg.SCORES, "DATASET": cfg.DATASET})
     config = common.load_config(model)
     common.family_of(config)
+    common.check_positions(config, cfg.SEQ_LEN)
     model_id = common.fingerprint(model)
     check_scores(scores, cfg.SCORES, config, model, model_id)
     src, types_ = common.shape_of(config), common.layer_types(config)

@@ -243,9 +243,32 @@ def winner(record: dict, alive: list[int]) -> int:
     return best
 
 
+def go_on_with_winner(cfg, student: str, m, record: dict, run, root: Path, out_dir: Path,
+                      train) -> dict:
+    """The winner's run continues from its latest checkpoint, copied under `root`: to the
+    schedule's end when MAX_STEPS is set, else it is written as it stands after the selection."""
+    saved = checkpoints.complete(Path(record["winner"] + "-checkpoints"))  # none: no round trained
+    run.acc.wait_for_everyone()
+    if saved:
+        checkpoints.adopt(saved[-1], root, cfg.OUTPUT)
+    for entry in record["candidates"]:  # the selection is decided: their checkpoints are done
+        checkpoints.clear(Path(entry["output"] + "-checkpoints"))
+    run.acc.wait_for_everyone()
+    go_on = cfg.MAX_STEPS is not None
+    summary = train(types.SimpleNamespace(**{**vars(cfg), "STUDENT": student}), m, root, out_dir,
+                    run.schedule.stop if go_on else record["settings"]["round_ends"][-1],
+                    not go_on)
+    if summary["output"]:
+        write_record(out_dir / "selection.json", record)
+    if not go_on:
+        common.print0(f"selection: continue the winner's recovery from {root} with "
+                      f"`uv run distill.py STUDENT={student!r}` and the other knobs as here")
+    return {**summary, "selection": record}
+
+
 def select(cfg, runs: list, models: list, plan: Plan, run, root: Path, out_dir: Path, train
            ) -> dict:
-    """Every candidate distilled round by round by `train(knobs, models, checkpoint root,
+    """Every candidate distilled round by round by `train(knobs, Models, checkpoint root,
     output, stop step, always_write)` (distill.py's run of one student), one at a time, from its
     own checkpoints under OUTPUT-select; after each round the funnel's survivors go on. The
     winner's latest checkpoint becomes the run's under `root`, and the winner is written to
@@ -275,24 +298,3 @@ def select(cfg, runs: list, models: list, plan: Plan, run, root: Path, out_dir: 
     write_record(record_path, record)
     return go_on_with_winner(cfg, runs[best].STUDENT, models[best], record, run, root, out_dir,
                              train)
-
-
-def go_on_with_winner(cfg, student: str, m, record: dict, run, root: Path, out_dir: Path,
-                      train) -> dict:
-    """The winner's run continues from its latest checkpoint, copied under `root`: to the
-    schedule's end when MAX_STEPS is set, else it is written as it stands after the selection."""
-    saved = checkpoints.complete(Path(record["winner"] + "-checkpoints"))  # none: no round trained
-    run.acc.wait_for_everyone()
-    if saved:
-        checkpoints.adopt(saved[-1], root, cfg.OUTPUT)
-    run.acc.wait_for_everyone()
-    go_on = cfg.MAX_STEPS is not None
-    summary = train(types.SimpleNamespace(**{**vars(cfg), "STUDENT": student}), m, root, out_dir,
-                    run.schedule.stop if go_on else record["settings"]["round_ends"][-1],
-                    not go_on)
-    if summary["output"]:
-        write_record(out_dir / "selection.json", record)
-    if not go_on:
-        common.print0(f"selection: continue the winner's recovery from {root} with "
-                      f"`uv run distill.py STUDENT={student!r}` and the other knobs as here")
-    return {**summary, "selection": record}

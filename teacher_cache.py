@@ -166,6 +166,12 @@ class TeacherCache:
             if not file.is_file():
                 raise common.UserError(f"{file} is missing from the teacher cache; run the same "
                                        f"command again to fill it (the teacher is needed)")
+            try:
+                common.check_safetensors(file, file.stat().st_size)
+            except common.UserError:
+                raise common.UserError(f"{file} in the teacher cache is truncated or corrupt; "
+                                       f"delete it and run the same command again to write it "
+                                       f"anew (the teacher is needed)") from None
             self.files = {file: safe_open(str(file), framework="pt")}  # one open file at a time
         return self.files[file]
 
@@ -285,7 +291,7 @@ def check_disk(path: Path, manifest: dict, seq_len: int, rows: int):
 
 
 def fill(path: Path, manifest: dict, teacher, rows, eval_rows: torch.Tensor, n_shards: int,
-         batch_size: int, chunk: int, acc) -> dict:
+         seq_len: int, batch_size: int, chunk: int, acc) -> dict:
     """Write the shards below `n_shards` (and the held-out rows' file) that `path` lacks: each
     process its own share (shard i: process i mod world), reading `rows`, the training rows in
     order (every process reads them all). A shard appears whole or not at all, so a killed fill
@@ -294,7 +300,7 @@ def fill(path: Path, manifest: dict, teacher, rows, eval_rows: torch.Tensor, n_s
     per, k, dtype = manifest["shard_rows"], manifest["topk"], DTYPES[manifest["dtype"]]
     todo = [s for s in range(n_shards) if s % world == rank and not shard_path(path, s).is_file()]
     mine_eval = rank == 0 and len(eval_rows) and not (path / "eval.safetensors").is_file()
-    row_tokens = eval_rows.shape[1] - 1
+    row_tokens = seq_len - 1
     n_tokens = (len(todo) * per + (len(eval_rows) if mine_eval else 0)) * row_tokens
     bar = tqdm(total=n_tokens, desc="teacher cache", unit="tok", unit_scale=True,
                disable=not common.is_first_process())
@@ -322,7 +328,7 @@ def fill(path: Path, manifest: dict, teacher, rows, eval_rows: torch.Tensor, n_s
 
 
 def prepare(path: Path, manifest: dict, n_rows: int, rows, eval_rows: torch.Tensor,
-            batch_size: int, chunk: int, acc, load_teacher) -> TeacherCache:
+            seq_len: int, batch_size: int, chunk: int, acc, load_teacher) -> TeacherCache:
     """The cache at `path` (`manifest`: read, or just created), holding a run's first `n_rows`
     training rows and its held-out rows `eval_rows`: filled first where it lacks them, with the
     teacher that `load_teacher(name)` loads (only then). `rows()`: the run's training rows in
@@ -337,7 +343,7 @@ def prepare(path: Path, manifest: dict, n_rows: int, rows, eval_rows: torch.Tens
                       f"needs ({n_rows} rows){' and not the held-out rows' if lacks_eval else ''}; "
                       f"filling them with the teacher {manifest['teacher']}")
         check_cached_rows(path, manifest, rows(), eval_rows, n_shards)
-        check_disk(path, manifest, eval_rows.shape[1], (n_shards - have) * manifest["shard_rows"]
+        check_disk(path, manifest, seq_len, (n_shards - have) * manifest["shard_rows"]
                    + (len(eval_rows) if lacks_eval else 0))
         try:
             teacher = load_teacher(manifest["teacher"])  # first: a hub model's files are then there
@@ -345,7 +351,12 @@ def prepare(path: Path, manifest: dict, n_rows: int, rows, eval_rows: torch.Tens
             raise common.UserError(f"the teacher cache lacks rows this run needs, and its teacher "
                                    f"cannot be read ({e})") from None
         check_teacher_unchanged(manifest)
-        filled = fill(path, manifest, teacher, rows(), eval_rows, n_shards, batch_size, chunk, acc)
+        try:
+            filled = fill(path, manifest, teacher, rows(), eval_rows, n_shards, seq_len,
+                          batch_size, chunk, acc)
+        except KeyboardInterrupt:  # every shard is written whole: those done are kept
+            raise common.Interrupted(f"the teacher cache {path} keeps the shards it completed; "
+                                     f"run the same command again to fill the rest") from None
         del teacher
         acc.wait_for_everyone()
         manifest["rows"] = max(manifest["rows"], n_shards * manifest["shard_rows"])

@@ -187,7 +187,7 @@ def test_a_killed_fill_resumes_to_the_same_files(student_dir, teacher_dir, text_
         return real(tensors, path, *a, **k)
     cache = tmp_path / "cache"
     monkeypatch.setattr(safetensors.torch, "save_file", killed)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(common.Interrupted, match="keeps the shards it completed"):
         run(student_dir, teacher_dir, text_file, tmp_path / "out", f"TEACHER_CACHE={cache}", *args)
     assert len(cache_files(cache)) == 2 and not list(cache.glob(".*"))  # whole files only
     (cache / ".train-000005.safetensors.tmp-999999999").write_bytes(b"\0")  # a SIGKILLed writer's
@@ -222,9 +222,16 @@ def test_a_cache_of_other_rows_or_tokens_is_refused(student_dir, teacher_dir, te
     run(student_dir, teacher_dir, str(data), tmp_path / "out3", f"TEACHER_CACHE={fresh}", "TOPK=8",
         "MAX_STEPS=2")
     data.write_text(open(text_file).read().replace("fox", "cat"))
-    with pytest.raises(common.UserError, match="holds other text"):
+    with pytest.raises(common.UserError, match="other settings.*data_fingerprint"):
         run(student_dir, teacher_dir, str(data), tmp_path / "out4", f"TEACHER_CACHE={fresh}",
-            "TOPK=8", "MAX_STEPS=2")
+            "TOPK=8", "MAX_STEPS=2")  # the file's content, checked before anything loads
+    manifest = teacher_cache.read_manifest(fresh)  # and, under it, each row's hash
+    rows = common.row_stream(text_file, tokenizer, 32, 0, 4, common.start_position())
+    rows = torch.stack([next(rows) for _ in range(4)])
+    teacher_cache.TeacherCache(fresh, manifest).train_rows(0, rows)  # the rows it was written for
+    rows[2, 5] += 1  # one token of other text
+    with pytest.raises(common.UserError, match="holds other text"):
+        teacher_cache.TeacherCache(fresh, manifest).train_rows(0, rows)
     # another tokenizer (same vocabulary size, other merges)
     odd = tmp_path / "odd-student"
     shutil.copytree(student_dir, odd)
@@ -276,7 +283,7 @@ def test_a_fill_is_refused_before_the_teacher_runs(student_dir, teacher_dir, tex
     monkeypatch.setattr(distill, "load_teacher", lambda *a: pytest.fail("the teacher was loaded"))
     more = [f"TEACHER_CACHE={cache}", "TOPK=8", "MAX_STEPS=4", "_CACHE_SHARD_ROWS=4"]
     data.write_text(open(text_file).read().replace("fox", "cat"))
-    with pytest.raises(common.UserError, match="holds other text"):
+    with pytest.raises(common.UserError, match="other settings.*data_fingerprint"):
         run(student_dir, teacher_dir, str(data), tmp_path / "out2", *more)
     shutil.copy(text_file, data)
     monkeypatch.setattr(shutil, "disk_usage", lambda p: types.SimpleNamespace(free=1000))

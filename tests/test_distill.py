@@ -279,6 +279,8 @@ def test_kill_and_resume_is_bit_identical(student_dir, teacher_dir, text_file, t
     assert sorted(p.name for p in ckpts.iterdir()) == ["pare.json", "step-0000004",
                                                        "step-0000005"]  # the last 2, marked
     assert part["losses"] == full["losses"][:5]
+    with pytest.raises(common.UserError, match="other settings"):
+        run(student_dir, teacher_dir, text_file, tmp_path / "b", "MAX_STEPS=7", "LR=1e-3")
     # killed after step 5, before its checkpoint was complete: resume from step 4
     shutil.rmtree(ckpts / "step-0000005")
     (ckpts / ".step-0000006.tmp").mkdir()  # a half-written checkpoint is ignored
@@ -288,8 +290,7 @@ def test_kill_and_resume_is_bit_identical(student_dir, teacher_dir, text_file, t
     a = common.load_model(str(tmp_path / "a"), "cpu", torch.float32).state_dict()
     b = common.load_model(str(tmp_path / "b"), "cpu", torch.float32).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    with pytest.raises(common.UserError, match="other settings"):
-        run(student_dir, teacher_dir, text_file, tmp_path / "b", "MAX_STEPS=7", "LR=1e-3")
+    assert not ckpts.exists()  # finished: a rerun starts afresh, with any settings
 
 
 def test_hidden_loss_on_when_depth_cut(teacher_dir, text_file, tmp_path, capsys):

@@ -127,7 +127,11 @@ def test_importance_writes_statistics_that_prune_uses(olmo_dir, text_file, tmp_p
     scores = tmp_path / "scores.pt"
     s = ia.main([f"MODEL={olmo_dir}", f"DATASET={text_file}", "NUM_SAMPLES=4", "SEQ_LEN=32",
                  "BATCH_SIZE=2", "LOSS_SAMPLES=0", f"OUTPUT={scores}"])
+    pair = s["meta"]["gram"].pop("id")  # the Gram file carries the same id (prune checks it)
     assert s["meta"]["gram"] == {"file": "scores.gram.safetensors", "tokens": 4 * 32}
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "scores.gram.safetensors"), "pt") as f:
+        assert f.metadata()["id"] == pair
     from safetensors import safe_open
     with safe_open(str(tmp_path / "scores.gram.safetensors"), "pt") as f:
         assert f.get_tensor("mlp.3").shape == (96, 96) and f.get_tensor("attention.0").shape == (64, 64)

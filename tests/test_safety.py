@@ -268,10 +268,13 @@ def test_checkpoints_hold_no_pickled_code(chain, tmp_path):
     assert sorted(p.name for p in ckpt.iterdir()) == ["model.pt", "optimizer.pt", "progress.json",
                                                       "rng-0.pt"]
     marker = tmp_path / "pwned"
-    with open(ckpt / "model.pt", "wb") as f:
-        pickle.dump({"x": Payload(marker)}, f)
+    torch.save({"x": Payload(marker)}, ckpt / "model.pt")  # torch's own format, code inside
     msg = error(run_distill, chain["student"], chain["data"], out, "MAX_STEPS=3")
     assert "is not a checkpoint file of tensors" in msg and not marker.exists()
+    with open(ckpt / "model.pt", "wb") as f:  # a bare pickle is no torch file: passed over
+        pickle.dump({"x": Payload(marker)}, f)
+    assert run_distill(chain["student"], chain["data"], out, "MAX_STEPS=3")["finished"]
+    assert not marker.exists()
     # DCP's .metadata (FSDP checkpoints) is read through an allow-list
     dcp_dir = tmp_path / "dcp"
     dcp_dir.mkdir()
@@ -430,8 +433,9 @@ def test_distill_interrupt_writes_a_checkpoint_and_resumes(chain, tmp_path, monk
     rest = run_distill(chain["student"], chain["data"], out, "MAX_STEPS=6")
     assert rest["losses"] == full["losses"][3:]  # bit-identical on CPU
 
-    def twice(*args):  # a second Ctrl-C stops at once, without a checkpoint of this step
-        os.kill(os.getpid(), signal.SIGINT)
+    def twice(*args):  # a deliberate second Ctrl-C (not one delivered twice) stops at once,
+        os.kill(os.getpid(), signal.SIGINT)  # without a checkpoint of this step
+        time.sleep(common.REPEAT_WINDOW + 0.1)
         os.kill(os.getpid(), signal.SIGINT)
         return real(*args)
 
@@ -493,7 +497,7 @@ def test_the_same_model_moved_is_accepted(chain, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     run_prune(chain, tmp_path / "out", "TARGET_FFN=48", model="moved")  # relative path, copy
     assert "has the same content" in capsys.readouterr().out
-    assert common.read_record(tmp_path / "out")["source_model"] == "moved"
+    assert common.read_record(tmp_path / "out")["source_model"] == str(moved.resolve())  # resolved
 
 
 def test_small_run_warnings_and_held_out_progress(chain, tmp_path, capsys):

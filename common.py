@@ -550,7 +550,10 @@ def claim(target: Path, constant: str):
     if _claims is None or target in _claims or not target.parent.is_dir():
         return
     lock = target.with_name(f".{target.name}.lock")
-    f = open(lock, "a+")
+    try:
+        f = open(lock, "a+")
+    except OSError:  # a read-only place: no run can write there either
+        return
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -604,13 +607,16 @@ def clean_stale(path: Path):
             remove(stale)
 
 
-def check_output(path: str, constant: str, inputs: dict, is_previous) -> Path:
+def check_output(path: str, constant: str, inputs: dict, is_previous, may_read_only: bool = False
+                 ) -> Path:
     """`path` (the value of `constant`) is safe to write, or a UserError before any work.
 
     Safe: new, or an empty directory, or a previous output of the same script (`is_previous(p)`
     says so from its record); never a symbolic link, a file system root, or the same as, inside
     or above any input in `inputs` ({constant: path}; names that are not local paths, such as hub
-    ids, are skipped), and its nearest existing parent must be a writable directory.
+    ids, are skipped), and its nearest existing parent must be a writable directory (unless
+    `may_read_only` and it is an existing directory the run may only read, such as a complete
+    teacher cache; a write there still fails with one line).
     """
     if not isinstance(path, str) or not path.strip():
         raise UserError(f"{constant}={path!r} must be a path")
@@ -637,6 +643,8 @@ def check_output(path: str, constant: str, inputs: dict, is_previous) -> Path:
             raise UserError(f"{constant}={path!r} exists and is not a previous output of this "
                             f"script (Pare only replaces its own outputs); choose a new path or "
                             f"move it away yourself")
+    if may_read_only and p.is_dir():  # e.g. a complete teacher cache: read, maybe never written
+        return p
     parent = target.parent
     while not parent.exists():
         parent = parent.parent

@@ -1069,7 +1069,7 @@ def check_outputs(cfg, runs: list, models: list) -> tuple:
               **{f"STUDENT {c.STUDENT!r}": c.STUDENT for c in runs}}
     if cfg.TEACHER_CACHE:
         common.check_output(cfg.TEACHER_CACHE, "TEACHER_CACHE", inputs,
-                            lambda p: common.is_record_of(p, "teacher-cache"))
+                            lambda p: common.is_record_of(p, "teacher-cache"), may_read_only=True)
         inputs["TEACHER_CACHE"] = cfg.TEACHER_CACHE
     out_dir = common.check_output(cfg.OUTPUT, "OUTPUT", inputs,
                                   lambda p: common.is_record_of(p, "distill"))

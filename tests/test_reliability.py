@@ -211,6 +211,19 @@ def test_a_cache_moved_resumes_and_a_truncated_shard_is_named(chain, tmp_path): 
     assert s["finished"] and s["steps"] == 4
 
 
+def test_a_complete_cache_on_a_read_only_disk_is_used(chain, tmp_path, monkeypatch):  # noqa: F811
+    """Defect 5: a complete cache on a read-only disk was refused (as an output to write)."""
+    import os
+    cache = tmp_path / "ro" / "cache"
+    args = ["MAX_STEPS=2", "TOPK=8", f"TEACHER_CACHE={cache}"]
+    run_distill(chain["student"], chain["data"], tmp_path / "d", *args)
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: False if str(p).startswith(
+        str(tmp_path / "ro")) else real(p, mode, **k))  # root writes anywhere: pretend
+    monkeypatch.setattr(distill, "load_teacher", lambda *a: pytest.fail("the teacher was loaded"))
+    assert run_distill(chain["student"], chain["data"], tmp_path / "e", *args)["finished"]
+
+
 def test_an_output_being_written_is_locked_against_a_second_writer(chain, tmp_path, monkeypatch,  # noqa: F811
                                                                      capsys):
     """Defect 4: two runs writing the same OUTPUT at once were not prevented."""

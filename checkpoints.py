@@ -15,7 +15,7 @@ import common
 
 FORMAT = 2  # 2: tensors and JSON only (1 was accelerate's pickles, refused)
 PROGRESS_KEYS = ("step", "tokens", "world", "fsdp", "data", "prompts", "ref_loss", "start",
-                 "settings", "student", "teacher", "scheduler")
+                 "evals", "settings", "student", "teacher", "scheduler")
 
 
 # ---- progress.json: the one writer and the one reader ------------------------------------------

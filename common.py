@@ -1124,7 +1124,7 @@ def legacy_rope(config) -> dict:
     return {"rope_theta": theta, "rope_scaling": scaling}
 
 
-OWN_EXTRAS = ("latency.png", "selection.json")  # what Pare adds next to a checkpoint it wrote
+OWN_EXTRAS = ("latency.png", "selection.json", "progress.png")  # what Pare adds next to a checkpoint it wrote
 
 
 def keep_foreign_files(old: Path, new: Path):

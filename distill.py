@@ -63,6 +63,9 @@ _ABORT_LOSS_FACTOR = 10.0              # stop when the loss exceeds this x the r
 _CHUNK_TOKENS = 1024                   # tokens whose full-vocabulary logits exist at once
 _EVAL_DATASET = None                   # held-out data from elsewhere; None: the first rows of DATASET
 _EVAL_EVERY = 200                      # steps between held-out evaluations (and at start and end)
+_EVAL_TASKS = ["arc_easy:rc_0shot", "piqa:rc_0shot", "mmlu"]  # downstream accuracy at each held-
+_EVAL_TASK_DOCS = 50                   # out evaluation (benchmarks.py): tasks, documents each; []: off
+_TRACKER = None                        # step metrics to accelerate's 'tensorboard' or 'wandb' (installed)
 _LOG_EVERY = 1                         # steps between log lines
 _CHECKPOINT_EVERY = 500                # steps between checkpoints; 0: only at a stop
 _KEEP_CHECKPOINTS = 2                  # most recent checkpoints kept
@@ -89,7 +92,8 @@ _SELECT_FLAT = False                   # every candidate runs every round (the f
 
 # Settings that may change between a run and its resumption (they do not change the losses).
 RESUMABLE = {"OUTPUT", "SELECT_TOKENS", "DEVICE", "FSDP", "_EVAL_EVERY", "_LOG_EVERY", "_CHECKPOINT_EVERY",
-             "_KEEP_CHECKPOINTS", "_STOP_AT_STEP", "_PEAK_TFLOPS"}  # FSDP: checked as the format
+             "_KEEP_CHECKPOINTS", "_STOP_AT_STEP", "_PEAK_TFLOPS", "_EVAL_TASKS", "_EVAL_TASK_DOCS",
+             "_TRACKER"}  # FSDP: checked as the format
 
 
 # ---- the loss -------------------------------------------------------------------------------
@@ -316,11 +320,19 @@ class Distiller(torch.nn.Module):
             loss = loss + hid * (loss.detach() / hid.detach().clamp(min=1e-8))
         return loss, stats, hid.detach(), len(labels[keep])
 
-    def held_out(self, rows, batch_size, teacher, cached=None):
-        """common.evaluate of the student against the live teacher or a cache's targets (a
-        method, so that FSDP can gather it for the call)."""
-        return common.evaluate(self.student, rows, batch_size, teacher, self.loss.chunk,
-                               cached=cached)
+    def held_out(self, rows, batch_size, teacher, cached=None, suite=None, tokenizer=None):
+        """common.evaluate of the student against the live teacher or a cache's targets, and
+        its accuracy on a downstream `suite` (benchmarks.py) when given (a method, so that FSDP
+        can gather it for the call)."""
+        m = (common.evaluate(self.student, rows, batch_size, teacher, self.loss.chunk,
+                             cached=cached) if len(rows) else {})
+        if suite:
+            import benchmarks
+            max_len = getattr(self.student.config, "max_position_embeddings", None) or 4096
+            m["downstream"] = {k: r["primary"] for k, r in benchmarks.score_suite(
+                self.student, tokenizer, suite, batch_size, max_len).items()}
+            m["accuracy"] = sum(m["downstream"].values()) / len(m["downstream"])
+        return m
 
 
 def make_proj(h_s: int, h_t: int, kept_hidden: list[int] | None) -> torch.nn.Module:
@@ -612,6 +624,7 @@ class Run:
     held: HeldOut
     loss: LossSettings
     cache: object = None      # teacher_cache.TeacherCache (None: the live teacher)
+    suite: dict = None        # benchmarks.py's downstream suite (None: none)
 
     @property
     def world(self) -> int:
@@ -698,18 +711,30 @@ def check_loss(s: dict, step: int, ref_loss: float, root: Path, factor: float):
                                f"(checkpoints: {root})")
 
 
-def held_out(parts: Parts, run: Run, batch_size: int) -> dict:
+def held_out(parts: Parts, run: Run, batch_size: int, tokenizer) -> dict:
     """Held-out KL and perplexity of the student (every process under FSDP, else the first),
-    against the live teacher or its cache."""
+    against the live teacher or its cache, and its downstream accuracy (run.suite)."""
     rows = run.held.rows
-    if not len(rows):
+    if not len(rows) and not run.suite:
         return {}
-    cached = run.cache.held_out(rows) if run.cache is not None else None
+    cached = run.cache.held_out(rows) if run.cache is not None and len(rows) else None
     parts.inner.student.eval()
     with run.acc.autocast():
-        m = parts.inner.held_out(rows.to(run.acc.device), batch_size, parts.teacher, cached)
+        m = parts.inner.held_out(rows.to(run.acc.device), batch_size, parts.teacher, cached,
+                                 run.suite, tokenizer)
     parts.inner.student.train()
     return m
+
+
+def eval_line(step: int, m: dict) -> str:
+    """One held-out evaluation's line: KL, perplexity, downstream accuracy."""
+    parts = [f"eval step {step:>6}"]
+    if "kl" in m:
+        parts += [f"kl {m['kl']:.4f}", f"ppl {m['student_ppl']:.3f}"]
+    if "downstream" in m:
+        parts.append(f"acc {m['accuracy']:.1f} (" + ", ".join(
+            f"{k} {v:.1f}" for k, v in m["downstream"].items()) + ")")
+    return " | ".join(parts)
 
 
 # ---- the loop -------------------------------------------------------------------------------
@@ -727,19 +752,37 @@ class Tally:
     metrics: dict = dataclasses.field(default_factory=dict)
     seconds: float = 0.0
     run_tokens: int = 0
+    evals: list = dataclasses.field(default_factory=list)  # every evaluation: step, tokens, metrics
 
 
-def begin(parts: Parts, run: Run, progress: dict | None, batch_size: int) -> Tally:
+def evaluate_now(parts: Parts, run: Run, tally: Tally, batch_size: int, tokenizer) -> dict:
+    """A held-out evaluation at the tally's step: logged (line, tracker) and kept in the tally's
+    history (pare.json and the progress plot show it)."""
+    m = held_out(parts, run, batch_size, tokenizer)
+    if m:
+        common.print0(eval_line(tally.step, m))
+        keep = {k: m[k] for k in ("kl", "student_ppl", "accuracy", "downstream") if k in m}
+        tally.evals.append({"step": tally.step, "tokens": tally.tokens, **keep})
+        if _TRACKER:
+            run.acc.log({f"eval/{k}": v for k, v in keep.items() if k != "downstream"}
+                        | {f"eval/{k}": v for k, v in keep.get("downstream", {}).items()},
+                        step=tally.step)
+    return m
+
+
+def begin(parts: Parts, run: Run, progress: dict | None, batch_size: int, tokenizer) -> Tally:
     """The tally of a resumed run, or of a new one with the held-out metrics before training
     (the first process only, unless FSDP needs all)."""
     if progress:  # a resumed run measures its held-out metrics again at its end
-        return Tally(progress["step"], progress["tokens"], progress["ref_loss"], progress["start"])
-    start = held_out(parts, run, batch_size) if common.is_first_process() or run.shard else {}
-    if start:
-        common.print0(f"teacher: held-out ppl {start['teacher_ppl']:.3f} on {start['tokens']} "
-                      f"tokens (reference)")
-        common.print0(f"eval step {0:>6} | kl {start['kl']:.4f} | ppl {start['student_ppl']:.3f}")
-    return Tally(start=start, metrics=start)
+        return Tally(progress["step"], progress["tokens"], progress["ref_loss"], progress["start"],
+                     evals=progress["evals"])
+    tally = Tally()
+    if common.is_first_process() or run.shard:
+        tally.start = tally.metrics = evaluate_now(parts, run, tally, batch_size, tokenizer)
+        if "teacher_ppl" in tally.start:
+            common.print0(f"teacher: held-out ppl {tally.start['teacher_ppl']:.3f} on "
+                          f"{tally.start['tokens']} tokens (reference)")
+    return tally
 
 
 def flops_per_token(parts: Parts, run: Run, seq_len: int) -> float:
@@ -797,7 +840,8 @@ def progress_of(tally: Tally, run: Run, positions: dict, settings: dict, m: Mode
     """What a checkpoint's progress.json holds (checkpoints.PROGRESS_KEYS); `positions`: where
     the data streams stood after the step (Batches.snapshot)."""
     return dict(step=tally.step, tokens=tally.tokens, world=run.world, fsdp=run.shard,
-                **positions, ref_loss=tally.ref_loss, start=tally.start, settings=settings,
+                **positions, ref_loss=tally.ref_loss, start=tally.start, evals=tally.evals,
+                settings=settings,
                 student=m.student_id, teacher=m.teacher_id, scheduler=scheduler.state_dict())
 
 
@@ -811,7 +855,19 @@ def run_summary(tally: Tally, run: Run, flops_token: float, sampler) -> dict:
             "tokens_per_s": tok_s, "tflops_per_device": tflops,
             "mfu": tflops / peak if peak else None, "peak_memory_gib": costs.peak_memory_gib(run.device)[0],
             "sampling": sampler.summary(tally.seconds, run.acc) if sampler else None,
+            "evals": tally.evals,
             "finished": tally.step >= run.schedule.max_steps, "output": None}
+
+
+def run_settings(cfg) -> dict:
+    """What a checkpoint records of how it was made and a resume compares: the knobs, the recipe
+    and the content of local data files (an edited DATASET would silently change the rows); of
+    TEACHER_CACHE only whether there is one (a moved cache still resumes: teacher_cache.py
+    checks its manifest against the run)."""
+    return {**vars(cfg), **common.recipe(globals()),
+            "TEACHER_CACHE": cfg.TEACHER_CACHE is not None,  # a cache is known by its manifest
+            "data_fingerprint": common.data_fingerprint(cfg.DATASET),
+            "eval_data_fingerprint": common.data_fingerprint(_EVAL_DATASET or "")}
 
 
 def train(cfg, m: Models, run: Run, parts: Parts, batches: Batches, first: tuple | None,
@@ -823,7 +879,7 @@ def train(cfg, m: Models, run: Run, parts: Parts, batches: Batches, first: tuple
     Returns the run summary."""
     sched, settings = run.schedule, run_settings(cfg)
     evaluating = common.is_first_process() or run.shard  # under FSDP every process takes part
-    tally = begin(parts, run, progress, cfg.BATCH_SIZE)
+    tally = begin(parts, run, progress, cfg.BATCH_SIZE, m.tokenizer)
     flops = flops_per_token(parts, run, cfg.SEQ_LEN)
     sampler = None
     if cfg.ON_POLICY > 0:
@@ -847,10 +903,11 @@ def train(cfg, m: Models, run: Run, parts: Parts, batches: Batches, first: tuple
         bar.update(1)
         if step % _LOG_EVERY == 0 or step == sched.stop:
             common.print0(log_line(step, run, s, parts.pairs))
-        if len(run.held.rows) and (step % _EVAL_EVERY == 0 or step == sched.stop) and evaluating:
-            tally.metrics = held_out(parts, run, cfg.BATCH_SIZE)
-            common.print0(f"eval step {step:>6} | kl {tally.metrics['kl']:.4f} | ppl "
-                          f"{tally.metrics['student_ppl']:.3f}")
+            if _TRACKER:
+                run.acc.log({f"train/{k}": s[k] for k in ("loss", "kl", "ce", "hid", "lr", "grad")},
+                            step=step)
+        if (step % _EVAL_EVERY == 0 or step == sched.stop) and evaluating:
+            tally.metrics = evaluate_now(parts, run, tally, cfg.BATCH_SIZE, m.tokenizer)
         stop = common.stop_requested() and step < sched.max_steps
         if run.world > 1:  # every process stops at the same step
             stop = bool(run.acc.reduce(torch.tensor(float(stop), device=run.device), "sum").item())
@@ -865,23 +922,12 @@ def train(cfg, m: Models, run: Run, parts: Parts, batches: Batches, first: tuple
             raise common.Interrupted(f"stopped after step {step}: checkpoint {path}; run the "
                                      f"same command again to resume")
     bar.close()
-    if not tally.metrics and len(run.held.rows) and evaluating:  # resumed at the last step
-        tally.metrics = held_out(parts, run, cfg.BATCH_SIZE)
+    if not tally.metrics and evaluating:  # resumed at the last step: nothing ran
+        tally.metrics = evaluate_now(parts, run, tally, cfg.BATCH_SIZE, m.tokenizer)
     return run_summary(tally, run, flops, sampler)
 
 
 # ---- one student's run ----------------------------------------------------------------------
-
-def run_settings(cfg) -> dict:
-    """What a checkpoint records of how it was made and a resume compares: the knobs, the recipe
-    and the content of local data files (an edited DATASET would silently change the rows); of
-    TEACHER_CACHE only whether there is one (a moved cache still resumes: teacher_cache.py
-    checks its manifest against the run)."""
-    return {**vars(cfg), **common.recipe(globals()),
-            "TEACHER_CACHE": cfg.TEACHER_CACHE is not None,  # a cache is known by its manifest
-            "data_fingerprint": common.data_fingerprint(cfg.DATASET),
-            "eval_data_fingerprint": common.data_fingerprint(_EVAL_DATASET or "")}
-
 
 def resume_point(cfg, m: Models, root: Path, run: Run) -> tuple:
     """(the latest checkpoint under `root`, its progress), checked to continue this run; (None,
@@ -918,6 +964,28 @@ def restore(parts: Parts, run: Run, saved: Path, progress: dict):
     common.print0(f"resume: {saved} (step {progress['step']}, {progress['tokens']} tokens seen)")
 
 
+def plot_progress(path: Path, evals: list, title: str):
+    """Held-out KL and downstream accuracy against tokens seen, as a PNG beside the output."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    tokens = [e["tokens"] / 1e6 for e in evals]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if all("kl" in e for e in evals):
+        ax.plot(tokens, [e["kl"] for e in evals], "o-", color="tab:blue", label="held-out KL")
+        ax.set_ylabel("KL(teacher || student), nats/token")
+    if all("accuracy" in e for e in evals):
+        acc = ax.twinx()
+        acc.plot(tokens, [e["accuracy"] for e in evals], "s--", color="tab:red",
+                 label="downstream accuracy")
+        acc.set_ylabel("mean accuracy, %")
+    ax.set_xlabel("tokens seen (millions)")
+    ax.set_title(f"distilling {Path(title).name}", fontsize=9)
+    fig.tight_layout()
+    common.write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+
+
 def write_output(cfg, m: Models, run: Run, parts: Parts, summary: dict, out_dir: Path):
     """The final HF directory (first process), its pare.json extending the student's."""
     if run.shard:
@@ -939,10 +1007,13 @@ def write_output(cfg, m: Models, run: Run, parts: Parts, summary: dict, out_dir:
                                                "peak_memory_gib", "sampling")},
         "hidden_loss_pairs": parts.pairs,
         "metrics": {"start": summary["start"], "final": summary["final"]},
+        "evals": summary["evals"],  # every held-out evaluation: step, tokens, KL, accuracy
         "teacher_cache": run.cache.summary() if run.cache is not None else None,
         "created": common.now()})
     common.write_checkpoint(student, cfg.STUDENT, out_dir, record,
                             dtype=common.stored_dtype(m.s_conf))
+    if summary["evals"]:
+        plot_progress(out_dir / "progress.png", summary["evals"], m.student)
 
 
 def distill_one(cfg, m: Models, run: Run, root: Path, out_dir: Path, stop: int, teacher=None,
@@ -1083,12 +1154,21 @@ def check_outputs(cfg, runs: list, models: list) -> tuple:
     return out_dir, root, select_dir
 
 
-def start_processes(cfg, device: str):
-    """The Accelerator of this run's processes."""
+def start_processes(cfg, device: str, tracker):
+    """The Accelerator of this run's processes (logging to `tracker`, _TRACKER, when set)."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
-    acc = Accelerator(cpu=device == "cpu",
+    if isinstance(tracker, str):
+        import importlib.util
+        if importlib.util.find_spec(tracker) is None:
+            raise common.UserError(f"_TRACKER={tracker!r} in distill.py needs the `{tracker}` "
+                                   f"package: `uv pip install {tracker}`, or set _TRACKER = None")
+    acc = Accelerator(cpu=device == "cpu", log_with=tracker,
+                      project_dir=str(Path(cfg.OUTPUT).parent) if tracker else None,
                       mixed_precision="bf16" if device.startswith("cuda") else "no")
+    if tracker:
+        acc.init_trackers("pare-distill", config={k: v for k, v in vars(cfg).items()
+                                                  if isinstance(v, (int, float, str, bool))})
     if acc.distributed_type == DistributedType.FSDP:
         raise common.UserError("distill.py shards with FSDP=True (FSDP2, tested), not with "
                                "accelerate's FSDP plugin: launch without --use_fsdp and set "
@@ -1124,10 +1204,12 @@ def print_summary(s: dict, mem_kind: str):
     if s["losses"]:
         lines += [("loss_first", f"{s['losses'][0]:.4f}"), ("loss_last", f"{s['losses'][-1]:.4f}")]
     for name in ("start", "final"):
-        if s[name]:
+        if "kl" in s[name]:
             lines += [(f"{name}_kl", f"{s[name]['kl']:.4f}"),
                       (f"{name}_ppl", f"{s[name]['student_ppl']:.3f}")]
-    if s["start"]:
+        if "accuracy" in s[name]:
+            lines.append((f"{name}_accuracy", f"{s[name]['accuracy']:.2f}"))
+    if "teacher_ppl" in s["start"]:
         lines.append(("teacher_ppl", f"{s['start']['teacher_ppl']:.3f}"))
     lines.append(("output", s["output"] or "none (stopped early; rerun to resume)"))
     for key, value in lines:
@@ -1147,7 +1229,7 @@ def main(argv: list[str]) -> dict:
         selection.check_teachers(runs, models)
     out_dir, root, select_dir = check_outputs(cfg, runs, models)
     device = common.pick_device(cfg.DEVICE)
-    acc = start_processes(cfg, device)
+    acc = start_processes(cfg, device, _TRACKER)
     sched = schedule(cfg, acc.num_processes)
     plan = None
     if select_dir:
@@ -1166,6 +1248,9 @@ def main(argv: list[str]) -> dict:
     run = Run(acc, device, common.pick_dtype(_DTYPE, device), cfg.FSDP, sched, held,
               LossSettings(_TEMPERATURE, _KL_WEIGHT, _CE_WEIGHT, _CHUNK_TOKENS, cfg.DIVERGENCE,
                            _JSD_BETA))
+    if _EVAL_TASKS:  # the downstream suite, read (and checked) before any model loads
+        import benchmarks
+        run.suite = benchmarks.suite_of(_EVAL_TASKS, _EVAL_TASK_DOCS)
     if cfg.ON_POLICY > 0:  # sampling settings and the first step's prompts, before any load
         import on_policy
         for m in models:
@@ -1184,6 +1269,8 @@ def main(argv: list[str]) -> dict:
     else:
         summary = select_then_distill(cfg, runs, models, run, plan, root, out_dir)
     acc.wait_for_everyone()
+    if _TRACKER:
+        acc.end_training()
     if run.cache is not None:
         summary["cache_filled"] = run.cache.filled
     print_summary(summary, costs.peak_memory_gib(device)[1])

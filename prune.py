@@ -87,6 +87,8 @@ _REPAIR_ROUNDS = 64                    # neurons leave in this many batches (1 p
 _BATCH_SIZE = 4                        # held-out rows per forward pass
 _DTYPE = None                          # compute dtype; None: bfloat16 on GPU, float32 on CPU
 _SAVE_DTYPE = None                     # written weights; None: the source checkpoint's dtype
+_EVAL_TASKS = ["arc_easy:rc_0shot", "piqa:rc_0shot", "mmlu"]  # downstream accuracy of the source
+_EVAL_TASK_DOCS = 50                   # and each written model (benchmarks.py); []: off
 _SEED = 0                              # held-out document shuffle (importance_analysis._SEED: its
                                        # rows are skipped when DATASET is the same)
 
@@ -869,6 +871,19 @@ def print_ranking(results: list[dict]):
               f"{m['kl']:8.4f} {m['student_ppl']:9.3f}")
 
 
+def downstream(model, tokenizer, suite: dict, who: str) -> dict:
+    """{task: accuracy, percent} of `model` on the small downstream suite (benchmarks.py)."""
+    import benchmarks
+    max_len = getattr(model.config, "max_position_embeddings", None) or 4096
+    print(f"downstream: scoring {who} on {', '.join(suite)}")
+    return {k: r["primary"] for k, r in benchmarks.score_suite(model, tokenizer, suite,
+                                                                _BATCH_SIZE, max_len).items()}
+
+
+def mean(accuracy: dict) -> float:
+    return sum(accuracy.values()) / len(accuracy)
+
+
 def print_summary(src: dict, best: dict, before: dict, written: list, times: dict):
     shape, m, p = best["shape"], best["metrics"], best["params"]
     q_width = shape["num_attention_heads"] * shape["head_dim"]
@@ -927,7 +942,12 @@ def main(argv: list[str]) -> dict:
     cut = Cut(grouping=_GQA_GROUPING, head_score=_HEAD_SCORE, norm_correction=_NORM_CORRECTION,
               grams=grams, damping=_REPAIR_DAMPING, select=_REPAIR_SELECT, rounds=_REPAIR_ROUNDS)
 
-    rows = held_out_rows(cfg, common.load_tokenizer(model), scores["meta"])
+    tokenizer = common.load_tokenizer(model)
+    rows = held_out_rows(cfg, tokenizer, scores["meta"])
+    suite = None
+    if _EVAL_TASKS:  # read (and checked) before the model loads
+        import benchmarks
+        suite = benchmarks.suite_of(_EVAL_TASKS, _EVAL_TASK_DOCS)
     t0 = time.time()
     teacher = common.load_model(model, device, dtype)
     times = {"load": time.time() - t0}
@@ -945,6 +965,7 @@ def main(argv: list[str]) -> dict:
         search = [{**r["shape"], "params": r["params"]["total"], **r["metrics"],
                    **({"latency": r["latency"]} if lat else {})} for r in results]
 
+    source_acc = downstream(teacher, tokenizer, suite, "source") if suite else None
     t0 = time.time()
     state = teacher.state_dict()
     for rank, (res, path) in enumerate(zip(results, outputs), 1):
@@ -955,6 +976,9 @@ def main(argv: list[str]) -> dict:
             print(f"warning: counted {actual} parameters, the formula says {res['params']['total']}")
         record = prune_record(cfg, model, model_id, src, res, rank, types_, before, search,
                               save_dtype, lat)
+        if suite:
+            res["downstream"] = downstream(student, tokenizer, suite, Path(path).name)
+            record["downstream"] = {"source": source_acc, "pruned": res["downstream"]}
         common.write_checkpoint(student, model, path, record, dtype=save_dtype)
         if lat and rank == 1:
             latency.plot_frontier(results, cfg.TARGET_SPEEDUP, lat["workload"]["batches"][0],
@@ -964,6 +988,10 @@ def main(argv: list[str]) -> dict:
     times["save"] = time.time() - t0
     times["eval"] = sum(r["t_eval"] for r in results)
     print_summary(src, results[0], before, outputs, times)
+    if suite:
+        acc = results[0]["downstream"]
+        print(f"accuracy: {mean(acc):.2f} (source {mean(source_acc):.2f}; " + ", ".join(
+            f"{k} {acc[k]:.1f} vs {source_acc[k]:.1f}" for k in acc) + ")")
     return {"results": results, "written": outputs, "before": before, "time": times}
 
 

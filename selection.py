@@ -151,7 +151,8 @@ def new_record(runs: list, models: list, now: dict) -> dict:
         shape = common.shape_of(m.s_conf)
         entries.append({"student": run.STUDENT, "output": run.OUTPUT, "shape": shape,
                         "params": common.param_count(shape, m.s_conf)["total"],
-                        "zero_shot_kl": None, "kl": []})
+                        "zero_shot_kl": None, "kl": [], "zero_shot_accuracy": None,
+                        "accuracy": []})
     return {"stage": "distill-select", "settings": now, "candidates": entries, "rounds": [],
             "winner": None, "versions": common.versions(), "created": common.now()}
 
@@ -185,10 +186,16 @@ def shared_value(acc, value: float | None) -> float:
     return acc.reduce(t, "sum").item()
 
 
-def add_result(record: dict, i: int, start_kl: float | None, final_kl: float | None):
-    """Candidate i's held-out KL before its first round and after this one."""
-    record["candidates"][i]["zero_shot_kl"] = start_kl
-    record["candidates"][i]["kl"].append(final_kl)
+def add_result(record: dict, i: int, start_kl: float | None, final_kl: float | None,
+               start_acc: float | None = None, final_acc: float | None = None):
+    """Candidate i's held-out KL (and downstream accuracy, when measured) before its first
+    round and after this one."""
+    e = record["candidates"][i]
+    e["zero_shot_kl"] = start_kl
+    e["kl"].append(final_kl)
+    if final_acc is not None:
+        e["zero_shot_accuracy"] = start_acc
+        e["accuracy"].append(final_acc)
 
 
 def close_round(record: dict, r: int, end: int, alive: list[int], tokens_per_step: int):
@@ -198,9 +205,14 @@ def close_round(record: dict, r: int, end: int, alive: list[int], tokens_per_ste
         return
     entries = record["candidates"]
     zero = [entries[i]["zero_shot_kl"] for i in alive]
+    kls = [entries[i]["kl"][r] for i in alive]
+    measured = all(len(entries[i]["accuracy"]) > r for i in alive)
     record["rounds"].append({"end_step": end, "candidates": [entries[i]["output"] for i in alive],
                              "tokens_per_candidate": end * tokens_per_step,
-                             "kendall_tau": kendall_tau(zero, [entries[i]["kl"][r] for i in alive])})
+                             "kendall_tau": kendall_tau(zero, kls),
+                             # does lower KL mean higher accuracy among them? (1: always)
+                             "kendall_tau_kl_accuracy": kendall_tau(kls, [
+                                 -entries[i]["accuracy"][r] for i in alive]) if measured else None})
 
 
 def shape_text(shape: dict) -> str:
@@ -214,7 +226,7 @@ def table(record: dict, r: int) -> str:
     against the zero-shot rank, and the Kendall tau between those rankings."""
     entries, ends = record["candidates"], record["settings"]["round_ends"][:r + 1]
     head = (f"{'candidate':<24} {'shape':<22} {'params':>8} {'kl@0':>8} "
-            + " ".join(f"{f'kl@{e}':>8}" for e in ends) + f" {'rank':>5} {'zero-shot':>9}")
+            + " ".join(f"{f'kl@{e}':>8}" for e in ends) + f" {'acc':>6} {'rank':>5} {'zero-shot':>9}")
     lines = [head]
     zero = ranking(entries, -1)
     now = ranking(entries, r, [i for i in range(len(entries)) if len(entries[i]["kl"]) > r])
@@ -223,12 +235,17 @@ def table(record: dict, r: int) -> str:
         kls = " ".join(f"{e['kl'][k]:>8.4f}" if k < len(e["kl"]) else f"{'-':>8}"
                        for k in range(len(ends)))
         rank = str(now.index(i) + 1) if i in now else "out"
+        acc = e["accuracy"][min(r, len(e["accuracy"]) - 1)] if e["accuracy"] else None
         lines.append(f"{Path(e['output']).name[:24]:<24} {shape_text(e['shape']):<22} "
-                     f"{e['params'] / 1e6:>7.2f}M {e['zero_shot_kl']:>8.4f} {kls} {rank:>5} "
-                     f"{zero.index(i) + 1:>9}")
-    tau = record["rounds"][r]["kendall_tau"] if r < len(record["rounds"]) else None
+                     f"{e['params'] / 1e6:>7.2f}M {e['zero_shot_kl']:>8.4f} {kls} "
+                     f"{'-' if acc is None else f'{acc:.1f}':>6} {rank:>5} {zero.index(i) + 1:>9}")
+    round_ = record["rounds"][r] if r < len(record["rounds"]) else {}
+    tau, tau_acc = round_.get("kendall_tau"), round_.get("kendall_tau_kl_accuracy")
     lines.append(f"kendall_tau: {'-' if tau is None else f'{tau:.3f}'} (zero-shot vs after "
                  f"round {r + 1}, over its {len(now)} candidates)")
+    if tau_acc is not None:
+        lines.append(f"kendall_tau_kl_accuracy: {tau_acc:.3f} (the KL ranking vs the downstream "
+                     f"accuracy ranking after round {r + 1})")
     return "\n".join(lines)
 
 
@@ -287,8 +304,11 @@ def select(cfg, runs: list, models: list, plan: Plan, run, root: Path, out_dir: 
                 continue  # finished by an earlier run of this selection
             s = train(runs[i], models[i], Path(f"{runs[i].OUTPUT}-checkpoints"),
                       Path(runs[i].OUTPUT), end, True)
+            downstream = run.suite is not None  # the same on every process
             add_result(record, i, shared_value(acc, s["start"].get("kl")),
-                       shared_value(acc, s["final"].get("kl")))
+                       shared_value(acc, s["final"].get("kl")),
+                       shared_value(acc, s["start"].get("accuracy")) if downstream else None,
+                       shared_value(acc, s["final"].get("accuracy")) if downstream else None)
             write_record(record_path, record)
         close_round(record, r, end, alive, run.schedule.tokens_per_step)
         write_record(record_path, record)

@@ -15,7 +15,8 @@ from conftest import (ROOT, llama_config, make_model, make_tokenizer, olmo3_conf
                       script_cmd, split_args)
 
 FAST = ["SEQ_LEN=32", "BATCH_SIZE=2", "GLOBAL_BATCH=4", "EVAL_SAMPLES=4", "LR=3e-3",
-        "_MIN_LR=3e-4", "_WARMUP_STEPS=2", "_LOG_EVERY=1", "_CHUNK_TOKENS=16"]
+        "_MIN_LR=3e-4", "_WARMUP_STEPS=2", "_LOG_EVERY=1", "_CHUNK_TOKENS=16",
+        "_EVAL_TASKS=[]"]  # the downstream suite: its own test (test_evaluate.py)
 
 
 def prune_like(teacher, layers, ffn=None, hidden=None):

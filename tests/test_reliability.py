@@ -245,3 +245,31 @@ def test_an_output_being_written_is_locked_against_a_second_writer(chain, tmp_pa
     other.close()  # that run ended: the same command goes through
     common.run(prune.main)
     assert common.read_record(out)["stage"] == "prune"
+
+
+def test_an_edited_dataset_does_not_resume_a_partial_scoring_pass(chain, tmp_path, capsys):  # noqa: F811
+    """Defect 5: importance resumed its partial scoring pass after DATASET was edited."""
+    import shutil
+    import importance_analysis as ia
+    data = tmp_path / "data.txt"
+    shutil.copy(chain["data"], data)
+    out = tmp_path / "s.pt"
+    scores = run_importance(chain["teacher"], str(data), out, "LOSS_SAMPLES=0")
+    partial = ia.partial_path(out)
+    torch.save({**scores, "layer_loss": {}}, partial)  # as an interrupted run leaves it
+    data.write_text(data.read_text().replace("fox", "cat"))
+    run_importance(chain["teacher"], str(data), out, "LOSS_SAMPLES=0")
+    assert f"warning: {partial} is from another model or other settings; starting again" in (
+        capsys.readouterr().out)
+
+
+def test_prune_holds_out_the_data_its_scores_were_made_from(chain, tmp_path, capsys):  # noqa: F811
+    """Defect 7: prune's held-out data did not default to the scores' (4096-token rows of
+    another dataset on a model of 256 positions)."""
+    import prune
+    prune.main([f"SCORES={chain['scores']}", "TARGET_FFN=48", "NUM_SAMPLES=2",
+                f"OUTPUT={tmp_path / 'p'}"])
+    config = common.read_record(tmp_path / "p")["config"]
+    assert config["DATASET"] == chain["data"] and config["SEQ_LEN"] == 32  # the scores' own
+    assert f"held-out data: DATASET={chain['data']!r}, SEQ_LEN=32 (from SCORES)" in (
+        capsys.readouterr().out)

@@ -148,6 +148,9 @@ def test_the_winner_goes_on_as_one_run(family, tmp_path):
     a, b = weights(tmp_path / "s"), weights(tmp_path / "plain")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / "s" / "selection.json").is_file()
+    # the selection is decided and the run finished: no candidate's or run's checkpoints remain
+    assert not list((tmp_path / "s-select").glob("*-checkpoints"))
+    assert not (tmp_path / "s-checkpoints").exists()
     # without MAX_STEPS the selection stops; distill.py continues the winner from its checkpoint
     s = run(names, family["data"], tmp_path / "t")
     knobs, private = split_args([*FAST, *SELECT, "_STOP_AT_STEP=8"])

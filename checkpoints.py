@@ -79,10 +79,6 @@ def damage(path: Path) -> str | None:
     """What is wrong with checkpoint `path`'s files, found without loading them (a file missing,
     or truncated: a torch file's zip directory sits at its end), or None."""
     import zipfile
-    try:
-        read_progress(path)
-    except common.UserError as e:
-        return str(e)
     if (path / ".metadata").is_file():  # sharded (FSDP): DCP's files
         needed = [path / ".metadata", path / "param_groups.json", path / "rng-0.pt"]
     else:
@@ -100,15 +96,20 @@ def latest(root: Path, settings: dict, resumable: set, ids: dict, shard: bool, w
     """(the newest intact checkpoint under `root`, its progress), checked to resume; (None,
     None) when there is none. A damaged newer one is passed over with a warning (it is left
     where it is)."""
-    for path in reversed(complete(root)):
+    saved = complete(root)
+    for k, path in enumerate(reversed(saved)):
         why = damage(path)
         if why is None:
-            progress = read_progress(path)
+            progress = read_progress(path)  # another version or other settings: refused
             check_resumable(progress, path, settings, resumable, ids, shard, world)
             return path, progress
-        common.print0(f"warning: checkpoint {path} is damaged ({why}); resuming from the one "
-                      f"before it")
+        then = "resuming from the one before it" if k + 1 < len(saved) else "starting afresh"
+        common.print0(f"warning: checkpoint {path} is damaged ({why}); {then}")
     return None, None
+
+
+def step_of(path: Path) -> int:
+    return int(path.name.removeprefix("step-"))
 
 
 # ---- tensors: plain files of one process (torch.load weights_only=True) ---------------------
@@ -257,7 +258,8 @@ def save(root: Path, progress: dict, model, optimizer, acc, shard: bool, keep: i
                 write_progress(tmp, progress)
                 common.remove(final)
                 tmp.rename(final)
-                for old in complete(root)[:-keep]:
+                # the newest `keep` up to this step stay (a damaged later one is left alone)
+                for old in [p for p in complete(root) if step_of(p) <= step][:-keep]:
                     common.remove(old)
     finally:
         if rank == 0:

@@ -74,7 +74,8 @@ def _on_signal(signum, frame):
     _signals.update(name=signal.Signals(signum).name, at=now)
     if not _signals["soft"]:
         raise KeyboardInterrupt
-    print0(f"\n{_signals['name']}: {_signals['say']} (once more: stop at once)")
+    if is_first_process():  # os.write: print() is not reentrant, and the signal may land in one
+        os.write(2, f"\n{_signals['name']}: {_signals['say']} (once more: stop at once)\n".encode())
 
 
 @contextlib.contextmanager
@@ -122,19 +123,29 @@ def run(main):
     with handling_signals():
         try:
             main(sys.argv[1:])
-        except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
-        except Interrupted as e:
-            print(f"interrupted: {e}", file=sys.stderr)
-            sys.exit(130)
-        except KeyboardInterrupt:
-            print("interrupted: nothing was saved", file=sys.stderr)
-            sys.exit(130)
+            ended = None
+        except (UserError, Interrupted, KeyboardInterrupt) as e:
+            ended = e
         finally:
-            for f in _claims.values():
-                f.close()  # releases the lock
+            if _claims is not None:  # released (the lock files go with them)
+                for target, f in _claims.items():
+                    f.close()
+                    remove(target.with_name(f".{target.name}.lock"))
             _claims = None
+    if ended is None:
+        return
+    # the last line is printed whatever signal comes now
+    old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        if isinstance(ended, UserError):
+            print(f"error: {ended}", file=sys.stderr)
+            sys.exit(2)
+        print(f"interrupted: {ended if isinstance(ended, Interrupted) else 'nothing was saved'}",
+              file=sys.stderr)
+        sys.exit(130)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -625,9 +636,6 @@ def check_output(path: str, constant: str, inputs: dict, is_previous, may_read_o
         raise UserError(f"{constant}={path!r} is a symbolic link; give the path it points to, "
                         f"or a new one")
     target = p.resolve()
-    if is_first_process():
-        claim(target, constant)
-        clean_stale(target)  # a previous output a killed run left aside is back before anything
     if target == Path(target.anchor) or target == Path.home():
         raise UserError(f"{constant}={path!r} resolves to {target}: give a new directory")
     for name, value in inputs.items():
@@ -637,6 +645,10 @@ def check_output(path: str, constant: str, inputs: dict, is_previous, may_read_o
         if how:
             raise UserError(f"{constant}={path!r} is {how} {name}={value!r}; writing there "
                             f"could destroy an input: choose another {constant}")
+    if is_first_process():
+        if not may_read_only:  # a cache several runs read is not one run's to lock
+            claim(target, constant)
+        clean_stale(target)  # a previous output a killed run left aside is back before anything
     if p.exists():
         empty = p.is_dir() and not any(p.iterdir())
         if not empty and not is_previous(p):
@@ -745,6 +757,8 @@ def write_atomic(path: Path, write, is_previous=lambda p: True):
             os.replace(path, old)
         os.replace(tmp, path)
     finally:
+        if old.exists() and not path.exists():  # stopped between the two renames: put it back
+            os.replace(old, path)
         remove(tmp)
         remove(old)
     return path
@@ -758,22 +772,24 @@ LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
 
 def record_problem(doc) -> str | None:
     """Why `doc` (a record of DATASET) cannot be rendered, or None: it needs `messages`, a
-    non-empty list of turns with string `role` and `content`, or a string `text`."""
+    non-empty list of turns each with a string `role` (its `content` is the chat template's
+    business), or else a string `text`."""
     if isinstance(doc, str):
         return None
-    if "messages" in doc:
-        turns = doc["messages"]
+    if doc.get("messages") is not None or "text" not in doc:
+        turns = doc.get("messages")
+        if "messages" not in doc:
+            return f"it has no 'messages' or 'text' column (it has {sorted(doc)})"
         if not isinstance(turns, list) or not turns:
             return f"its 'messages' is {str(turns)[:80]!r}, not a list of turns"
-        for t in turns:
+        for t in turns:  # content: text, None (tool calls) or a list of parts: the template's
             if not (isinstance(t, dict) and isinstance(t.get("role"), str)
-                    and isinstance(t.get("content"), str)):
-                return f"a turn {str(t)[:80]!r} is not {{'role': str, 'content': str}}"
+                    and isinstance(t.get("content", ""), (str, list, type(None)))):
+                return f"a turn {str(t)[:80]!r} is not {{'role': str, 'content': ...}}"
         return None
-    if "text" in doc:
-        if not isinstance(doc["text"], str):
-            return f"its 'text' is {str(doc['text'])[:80]}, not a string"
-        return None
+    if not isinstance(doc["text"], str):
+        return f"its 'text' is {repr(doc['text'])[:80]}, not a string"
+    return None
     return f"it has no 'messages' or 'text' column (it has {sorted(doc)})"
 
 
@@ -848,7 +864,7 @@ def render(doc, tokenizer, model_knob: str = "MODEL") -> str:
         raise UserError(f"DATASET has a record that cannot be used: {why}")
     if isinstance(doc, str):
         return doc
-    if "messages" not in doc:
+    if doc.get("messages") is None:
         return doc["text"]
     if not tokenizer.chat_template:
         raise UserError(f"DATASET has a 'messages' column but {model_knob}'s tokenizer has no "

@@ -40,12 +40,12 @@ _CACHE_DIR = None                      # the teacher's scores by fingerprint; No
 
 def evaluate_model(name: str, suite: dict, device: str, dtype, batch_size: int, constant: str
                    ) -> dict:
+    """The suite's results of model `name` (`constant`: the knob or record that named it)."""
     config = common.load_config(name, constant)
     common.family_of(config, constant)
     tokenizer = common.load_tokenizer(name, constant)
     model = common.load_model(name, device, dtype, constant)
-    max_len = getattr(config, "max_position_embeddings", None) or 4096
-    return benchmarks.score_suite(model, tokenizer, suite, batch_size, max_len)
+    return benchmarks.score_suite(model, tokenizer, suite, batch_size)
 
 
 def teacher_of(model: str) -> str | None:
@@ -63,8 +63,12 @@ def cached_scores(name: str, suite_key: str, cache: Path, run) -> dict:
     key = hashlib.sha256(f"{common.fingerprint(name, 'the teacher')}|{suite_key}".encode())
     path = cache / f"{key.hexdigest()[:32]}.json"
     if path.is_file():
-        common.print0(f"teacher: {name} scores from {path}")
-        return json.loads(path.read_text())["tasks"]
+        try:
+            tasks = json.loads(path.read_text())["tasks"]
+            common.print0(f"teacher: {name} scores from {path}")
+            return tasks
+        except (ValueError, KeyError, TypeError):  # a damaged cache entry is scored again
+            common.print0(f"warning: {path} is unreadable; scoring the teacher again")
     tasks = run()
     common.write_atomic(path, lambda tmp: tmp.write_text(json.dumps(
         {"model": name, "suite": suite_key, "tasks": tasks}, indent=1) + "\n"))
@@ -72,6 +76,7 @@ def cached_scores(name: str, suite_key: str, cache: Path, run) -> dict:
 
 
 def table(model: str, mine: dict, teacher: str | None, theirs: dict | None) -> str:
+    """The results, the teacher's beside them with the difference."""
     head = f"{'task':<24} {'format':<9} {'metric':<13} {'docs':>6} {'model':>14}"
     head += f" {'teacher':>14} {'delta':>7}" if theirs else ""
     lines = [head]
@@ -121,7 +126,10 @@ def main(argv: list[str]) -> dict:
     seconds = time.time() - t0
     teacher, theirs = teacher_of(cfg.MODEL), None
     if teacher is not None and common.model_files(teacher) is not None:
-        suite_key = json.dumps({k: [v[0], v[1], len(v[2])] for k, v in suite.items()}, sort_keys=True)
+        suite_key = json.dumps({"dtype": str(dtype), "versions": common.versions(),  # what scores
+                                "suite": {k: [v[0], v[1], hashlib.sha256(json.dumps(v[2]).encode())
+                                              .hexdigest()] for k, v in suite.items()}},
+                               sort_keys=True)  # depend on: the documents themselves, too
         cache = Path(_CACHE_DIR or Path(os.environ.get("PARE_CACHE", Path.home() / ".cache" / "pare"))
                      / "eval")
         theirs = cached_scores(teacher, suite_key, cache, lambda: evaluate_model(

@@ -305,6 +305,7 @@ def scores_meta(cfg, config, model_id: str, dtype: torch.dtype, calib, held_out)
         "architecture": config.architectures,
         "model_type": config.model_type, "layer_types": common.layer_types(config),
         "shape": {**common.shape_of(config), "vocab_size": config.vocab_size},
+        "dataset": common.recorded_name(cfg.DATASET),
         "data_fingerprint": common.data_fingerprint(cfg.DATASET),
         "num_samples": len(calib), "num_tokens": calib.numel(), "loss_samples": len(held_out),
         "loss_tokens": len(held_out) * (cfg.SEQ_LEN - 1), "dtype": str(dtype).removeprefix("torch."),

@@ -87,8 +87,9 @@ _REPAIR_ROUNDS = 64                    # neurons leave in this many batches (1 p
 _BATCH_SIZE = 4                        # held-out rows per forward pass
 _DTYPE = None                          # compute dtype; None: bfloat16 on GPU, float32 on CPU
 _SAVE_DTYPE = None                     # written weights; None: the source checkpoint's dtype
-_EVAL_TASKS = ["arc_easy:rc_0shot", "piqa:rc_0shot", "mmlu"]  # downstream accuracy of the source
-_EVAL_TASK_DOCS = 50                   # and each written model (benchmarks.py); []: off
+# Downstream accuracy of the source and of each written model (benchmarks.py; []: none).
+_EVAL_TASKS = ["arc_easy:rc_0shot", "piqa:rc_0shot", "mmlu"]
+_EVAL_TASK_DOCS = 50                   # the first documents of each task
 _SEED = 0                              # held-out document shuffle (importance_analysis._SEED: its
                                        # rows are skipped when DATASET is the same)
 
@@ -240,8 +241,8 @@ def held_out_defaults(cfg, meta: dict):
     """DATASET and SEQ_LEN left None take the values SCORES was made with (so that the held-out
     rows are the same kind of text, at a length the model was scored at)."""
     took = [k for k in ("DATASET", "SEQ_LEN") if getattr(cfg, k) is None]
-    for k in took:
-        setattr(cfg, k, meta["config"][k])
+    for k in took:  # the scores' DATASET as recorded (resolved), else as typed there
+        setattr(cfg, k, meta.get("dataset", meta["config"][k]) if k == "DATASET" else meta["config"][k])
     if took:
         print(f"held-out data: {', '.join(f'{k}={getattr(cfg, k)!r}' for k in took)} (from SCORES)")
 
@@ -250,7 +251,8 @@ def held_out_rows(cfg, tokenizer, meta: dict) -> torch.Tensor:
     """NUM_SAMPLES rows of DATASET, after the tokens importance_analysis.py used if it is the
     same data in the same order (same DATASET and seed)."""
     skip_tokens = 0
-    if meta["config"].get("DATASET") == cfg.DATASET and meta["recipe"].get("_SEED") == _SEED:
+    same = common.recorded_name(cfg.DATASET) in (meta.get("dataset"), meta["config"].get("DATASET"))
+    if same and meta["recipe"].get("_SEED") == _SEED:
         skip_tokens = (meta["num_samples"] + meta["loss_samples"]) * meta["config"]["SEQ_LEN"]
     skip = math.ceil(skip_tokens / cfg.SEQ_LEN)
     try:
@@ -645,7 +647,10 @@ def open_grams(scores_path: str, meta: dict):
                                f"importance_analysis.py or set REPAIR=False")
     with safe_open(str(path), "pt") as f:  # written by the same run as the scores?
         pair = (f.metadata() or {}).get("id")
-    if pair is None or pair != meta["gram"].get("id"):
+    if pair is None or meta["gram"].get("id") is None:
+        raise common.UserError(f"SCORES={scores_path!r} and {path} were written by an older "
+                               f"version of importance_analysis.py; rerun it or set REPAIR=False")
+    if pair != meta["gram"]["id"]:
         raise common.UserError(f"the repair statistics {path} belong to another run of "
                                f"importance_analysis.py than SCORES={scores_path!r} (an "
                                f"interrupted or concurrent run?); rerun importance_analysis.py "
@@ -874,14 +879,9 @@ def print_ranking(results: list[dict]):
 def downstream(model, tokenizer, suite: dict, who: str) -> dict:
     """{task: accuracy, percent} of `model` on the small downstream suite (benchmarks.py)."""
     import benchmarks
-    max_len = getattr(model.config, "max_position_embeddings", None) or 4096
     print(f"downstream: scoring {who} on {', '.join(suite)}")
     return {k: r["primary"] for k, r in benchmarks.score_suite(model, tokenizer, suite,
-                                                                _BATCH_SIZE, max_len).items()}
-
-
-def mean(accuracy: dict) -> float:
-    return sum(accuracy.values()) / len(accuracy)
+                                                                _BATCH_SIZE).items()}
 
 
 def print_summary(src: dict, best: dict, before: dict, written: list, times: dict):
@@ -989,9 +989,10 @@ def main(argv: list[str]) -> dict:
     times["eval"] = sum(r["t_eval"] for r in results)
     print_summary(src, results[0], before, outputs, times)
     if suite:
+        from benchmarks import mean_accuracy
         acc = results[0]["downstream"]
-        print(f"accuracy: {mean(acc):.2f} (source {mean(source_acc):.2f}; " + ", ".join(
-            f"{k} {acc[k]:.1f} vs {source_acc[k]:.1f}" for k in acc) + ")")
+        each = ", ".join(f"{k} {acc[k]:.1f} vs {source_acc[k]:.1f}" for k in acc)
+        print(f"accuracy: {mean_accuracy(acc):.2f} (source {mean_accuracy(source_acc):.2f}; {each})")
     return {"results": results, "written": outputs, "before": before, "time": times}
 
 

@@ -181,9 +181,11 @@ def shared_value(acc, value: float | None) -> float:
     """The first process's number on every process (only it evaluates without FSDP)."""
     if acc.num_processes == 1:
         return value
-    t = torch.tensor(value if common.is_first_process() else 0.0, dtype=torch.float64,
-                     device=acc.device)
-    return acc.reduce(t, "sum").item()
+    mine = value if common.is_first_process() and value is not None else 0.0
+    missing = float(common.is_first_process() and value is None)  # None travels as a flag
+    t = torch.tensor([mine, missing], dtype=torch.float64, device=acc.device)
+    total, none = acc.reduce(t, "sum").tolist()
+    return None if none else total
 
 
 def add_result(record: dict, i: int, start_kl: float | None, final_kl: float | None,

@@ -78,6 +78,16 @@ def save_model(model, path):
     return str(path)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def no_downstream_suite():
+    """prune.py and distill.py score a small downstream suite by default; in-process tests run
+    without it (tests/test_evaluate.py turns it on where it is the subject)."""
+    import distill
+    import prune
+    with recipe(distill, _EVAL_TASKS=[]), recipe(prune, _EVAL_TASKS=[]):
+        yield
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return make_tokenizer()

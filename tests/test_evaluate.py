@@ -126,6 +126,10 @@ def test_the_teachers_scores_are_cached_by_fingerprint(data, tmp_path, monkeypat
         again = evaluate.main(args)
         assert calls == [student, teacher, student]  # the teacher once
         assert again["teacher_tasks"] == first["teacher_tasks"]
+        for entry in (tmp_path / "cache").glob("*.json"):
+            entry.write_text("{not json")  # a damaged entry is scored again, not a traceback
+        evaluate.main(args)
+        assert calls[-2:] == [student, teacher]
         make_model(olmo3_config(), seed=7).save_pretrained(teacher)  # other weights there now
         evaluate.main(args)
         assert calls[-1] == teacher  # another fingerprint: scored again

@@ -245,6 +245,7 @@ def test_an_output_being_written_is_locked_against_a_second_writer(chain, tmp_pa
     other.close()  # that run ended: the same command goes through
     common.run(prune.main)
     assert common.read_record(out)["stage"] == "prune"
+    assert not (tmp_path / ".p.lock").exists()  # released with its lock file
 
 
 def test_an_edited_dataset_does_not_resume_a_partial_scoring_pass(chain, tmp_path, capsys):  # noqa: F811
@@ -273,3 +274,74 @@ def test_prune_holds_out_the_data_its_scores_were_made_from(chain, tmp_path, cap
     assert config["DATASET"] == chain["data"] and config["SEQ_LEN"] == 32  # the scores' own
     assert f"held-out data: DATASET={chain['data']!r}, SEQ_LEN=32 (from SCORES)" in (
         capsys.readouterr().out)
+
+
+def test_a_later_damaged_checkpoint_never_costs_the_new_ones(chain, tmp_path):  # noqa: F811
+    """Review: a damaged checkpoint numbered above the one resumed from outranked (and pruned)
+    the new ones; a checkpoint of another version is refused, not passed over as damaged."""
+    import json
+    import shutil
+    out, root = tmp_path / "d", tmp_path / "d-checkpoints"
+    args = ["MAX_STEPS=6", "_CHECKPOINT_EVERY=1", "_KEEP_CHECKPOINTS=2"]
+    run_distill(chain["student"], chain["data"], out, *args, "_STOP_AT_STEP=2")
+    shutil.copytree(root / "step-0000002", root / "step-0000999")
+    (root / "step-0000999" / "model.pt").write_bytes(b"cut short")
+    run_distill(chain["student"], chain["data"], out, *args, "_STOP_AT_STEP=4")
+    assert sorted(p.name for p in root.glob("step-*")) == ["step-0000003", "step-0000004",
+                                                          "step-0000999"]
+    progress = json.loads((root / "step-0000004" / "progress.json").read_text())
+    del progress["evals"]  # as an older version wrote it
+    (root / "step-0000004" / "progress.json").write_text(json.dumps(progress))
+    assert "of this version of Pare (lacks ['evals'])" in error(run_distill, chain["student"],
+                                                                   chain["data"], out, *args)
+
+
+def test_shared_values_and_interrupted_swaps(tmp_path, monkeypatch):
+    """Review: a missing accuracy crashed a multi-process selection; a stop between
+    write_atomic's two renames deleted the previous output."""
+    import os
+    import selection
+
+    class TwoProcesses:  # the first process's view: the other sends zeros
+        num_processes, device = 2, "cpu"
+
+        @staticmethod
+        def reduce(t, op):
+            return t
+    assert selection.shared_value(TwoProcesses, None) is None
+    assert selection.shared_value(TwoProcesses, 3.5) == 3.5
+    path = tmp_path / "out.txt"
+    path.write_text("previous")
+    real, calls = os.replace, []
+
+    def stopped(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:  # tmp -> path: the stop lands between the renames
+            raise KeyboardInterrupt
+        return real(src, dst)
+    monkeypatch.setattr(os, "replace", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        common.write_atomic(path, lambda tmp: tmp.write_text("new"))
+    monkeypatch.setattr(os, "replace", real)
+    assert path.read_text() == "previous" and sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]
+
+
+def test_records_chat_templates_can_render_are_accepted():
+    """Review: turns whose content is None (tool calls) or a list of parts, and a null
+    `messages` beside a usable `text`, were refused up front."""
+    assert common.record_problem({"messages": [{"role": "assistant", "content": None}]}) is None
+    assert common.record_problem({"messages": [{"role": "user", "content": [{"type": "text"}]}]}) is None
+    assert common.record_problem({"messages": None, "text": "plain"}) is None
+    assert "no 'messages' or 'text'" in common.record_problem({"title": "x"})
+
+
+def test_a_cache_read_by_several_runs_is_not_locked(tmp_path, monkeypatch):
+    """Review: the TEACHER_CACHE was locked for the whole run, refusing a second reader."""
+    monkeypatch.setattr(common, "_claims", {})
+    (tmp_path / "cache").mkdir()
+    common.check_output(str(tmp_path / "cache"), "TEACHER_CACHE", {}, lambda p: True,
+                        may_read_only=True)
+    common.check_output(str(tmp_path / "out"), "OUTPUT", {}, lambda p: True)
+    assert [t.name for t in common._claims] == ["out"] and not (tmp_path / ".cache.lock").exists()
+    for f in common._claims.values():
+        f.close()

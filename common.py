@@ -130,7 +130,7 @@ def run(main):
             if _claims is not None:  # released (the lock files go with them)
                 for target, f in _claims.items():
                     f.close()
-                    remove(target.with_name(f".{target.name}.lock"))
+                    target.with_name(f".{target.name}.lock").unlink(missing_ok=True)
             _claims = None
     if ended is None:
         return

@@ -61,9 +61,10 @@ _GQA_GROUPING = "similarity"           # query heads sharing a pooled kv head: '
                                        # ('index': consecutive heads, the naive baseline)
 _NORM_CORRECTION = True                # scale kept hidden-size norm gains by sqrt(H/H') (olmo3.md;
                                        # SmolLM2 hidden 576->504: ppl 92.1 vs 116.7 without)
-_HIDDEN_STEP = 256                     # budget search grids (reference search: hidden 256, ffn 512,
-_FFN_STEP = 512                        # layers 2)
-_LAYER_STEP = 2
+_GRID_STEPS = 16                       # search grids: each axis moves in 1/16 of its source size
+                                       # (Olmo-3-7B: hidden 256, ffn 688, layers 2, as NVIDIA's
+                                       # reference search's 256 / 512 / 2), rounded to a multiple
+                                       # of 8 (and of the heads where the config needs it)
 _SEARCH_DEPTH = False                  # the budget search also drops layers (P1 Table 1: width wins)
 _SEARCH_HEADS = False                  # the budget search also tries fewer query heads
 _BUDGET_TOLERANCE = 0.05               # candidates from TARGET_PARAMS * (1 - this) up to TARGET_PARAMS
@@ -708,6 +709,18 @@ def prune_one(model, scores: dict, shape: dict, layers: list[int], dtype: torch.
 
 # ---- search: a parameter budget or a speed-up -----------------------------------------------
 
+def grid_steps(src: dict, model_type: str, divisions: int) -> tuple[int, int, int]:
+    """(hidden, ffn, layer) steps of the search grids for this model: 1/`divisions` of each
+    source size, rounded to a multiple of 8 channels (tensor-core friendly) and, for the hidden
+    size of a Llama or Mistral config (which must divide by the heads), of the query heads; at
+    least one unit, so that every model Pare supports gets several points on each axis."""
+    def step(size: int, unit: int) -> int:
+        return max(unit, round(size / divisions / unit) * unit)
+    hidden_unit = math.lcm(8, src["num_attention_heads"]) if model_type in ("llama", "mistral") else 8
+    return (step(src["hidden_size"], hidden_unit), step(src["intermediate_size"], 8),
+            max(1, round(src["num_hidden_layers"] / divisions)))
+
+
 def grid(src_value: int, step: int, min_keep: float) -> list[int]:
     """The source value and every multiple of `step` below it down to min_keep * source."""
     lo = math.ceil(min_keep * src_value)
@@ -717,7 +730,7 @@ def grid(src_value: int, step: int, min_keep: float) -> list[int]:
 def grid_shapes(src: dict, config, droppable: int, depth: bool, heads: bool, steps: tuple,
                 min_keep: float) -> list[dict]:
     """Every shape on the recipe's grids (with its parameter count), largest first: hidden, ffn
-    and layers by `steps` (the recipe's _HIDDEN_STEP, _FFN_STEP, _LAYER_STEP), each axis kept
+    and layers by `steps` (grid_steps), each axis kept
     to at least `min_keep` of the source's. `depth` / `heads`: also fewer layers / query heads."""
     hidden_step, ffn_step, layer_step = steps
     head_grid = ([h for h in grid(src["num_attention_heads"], 1, min_keep)
@@ -774,8 +787,11 @@ def plan_shapes(cfg, src: dict, config, protected: set[int], device: str, dtype:
         raise common.UserError(f"TARGET_PARAMS={cfg.TARGET_PARAMS:.4g} is bigger than the "
                                f"source's {total} parameters")
     speed = cfg.TARGET_SPEEDUP is not None  # a speed-up search always tries fewer layers and heads
+    steps = grid_steps(src, config.model_type, _GRID_STEPS)
+    print(f"search grids: hidden step {steps[0]}, ffn step {steps[1]}, layer step {steps[2]} "
+          f"(1/{_GRID_STEPS} of each axis), down to {_MIN_KEEP:.0%} of each")
     grid_ = grid_shapes(src, config, droppable, speed or _SEARCH_DEPTH, speed or _SEARCH_HEADS,
-                        (_HIDDEN_STEP, _FFN_STEP, _LAYER_STEP), _MIN_KEEP)
+                        steps, _MIN_KEEP)
     if speed:
         import latency  # the TARGET_SPEEDUP search's timing (latency.py), only in this branch
         work = latency.workload(config, _LATENCY_PROMPT, _LATENCY_NEW_TOKENS, _LATENCY_BATCHES,
@@ -794,10 +810,10 @@ def plan_shapes(cfg, src: dict, config, protected: set[int], device: str, dtype:
         window = [s for s in grid_ if lo <= s["params"] <= cfg.TARGET_PARAMS]
         if not window:
             raise common.UserError(
-                f"no candidate shape on the grids (_HIDDEN_STEP={_HIDDEN_STEP}, _FFN_STEP="
-                f"{_FFN_STEP}, _MIN_KEEP={_MIN_KEEP}, _SEARCH_DEPTH={_SEARCH_DEPTH}) has between "
-                f"{lo:.4g} and {cfg.TARGET_PARAMS:.4g} parameters; widen the recipe's grids or set "
-                f"_SEARCH_DEPTH in prune.py")
+                f"no candidate shape on the grids (_GRID_STEPS={_GRID_STEPS}, _MIN_KEEP={_MIN_KEEP}, "
+                f"_SEARCH_DEPTH={_SEARCH_DEPTH}) has between {lo:.4g} and {cfg.TARGET_PARAMS:.4g} "
+                f"parameters; set a lower _MIN_KEEP, a larger _GRID_STEPS or _SEARCH_DEPTH=True "
+                f"in prune.py")
         shapes = spread(window, _NUM_CANDIDATES)
         print(f"budget: {len(window)} shapes within {_BUDGET_TOLERANCE:.0%} under "
               f"{fmt_params(cfg.TARGET_PARAMS)}; scoring {len(shapes)}")

@@ -13,7 +13,7 @@ from test_prune import run_main, yarn_olmo  # noqa: F401  (a fixture: tiny Olmo 
 
 WORK = {"prompt": 16, "new_tokens": 4, "batches": (1, 2), "warmup": 0, "repeats": 1}
 TINY = {f"_LATENCY_{k.upper()}": v for k, v in WORK.items()}  # prune.py's constants for WORK
-GRIDS = ["_HIDDEN_STEP=16", "_FFN_STEP=16", "_NUM_CANDIDATES=4",
+GRIDS = ["_NUM_CANDIDATES=4",
          *[f"{k}={v!r}" for k, v in TINY.items()]]
 
 

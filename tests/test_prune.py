@@ -292,14 +292,34 @@ def test_llama_tied_embeddings_stay_tied(llama_dir, text_file, tmp_path):
     assert model.config.num_key_value_heads == 2 and model.config.num_attention_heads == 2
 
 
+def test_search_grids_scale_with_the_model():
+    """The grids are derived from each model's sizes: SmolLM2-135M (576 hidden, 9 heads, which
+    Llama's config needs the hidden size to divide by) and Olmo-3-7B both get several candidates
+    inside a 5% budget window, where fixed 7B-sized steps found none on SmolLM2."""
+    from transformers import LlamaConfig, Olmo3Config
+    smol = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                       num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                       head_dim=64, tie_word_embeddings=True)
+    olmo = Olmo3Config(vocab_size=100278, hidden_size=4096, intermediate_size=11008,
+                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32)
+    assert prune.grid_steps(common.shape_of(olmo), "olmo3", 16) == (256, 688, 2)
+    for config, budget in ((smol, 100e6), (olmo, 5e9)):
+        src = common.shape_of(config)
+        steps = prune.grid_steps(src, config.model_type, 16)
+        shapes = prune.grid_shapes(src, config, src["num_hidden_layers"], False, False, steps, 0.5)
+        window = [s for s in shapes if 0.95 * budget <= s["params"] <= budget]
+        assert len(window) >= 3, (config.model_type, steps)
+        if config.model_type == "llama":
+            assert all(s["hidden_size"] % s["num_attention_heads"] == 0 for s in shapes)
+
+
 def test_budget_search_ranks_and_writes_top(yarn_olmo, tmp_path, capsys):
     model_dir, scores, data = yarn_olmo
     out = tmp_path / "pruned"
     config = common.load_config(model_dir)
     budget = 0.8 * common.param_count(common.shape_of(config), config)["total"]
-    result = run_main(model_dir, scores, data, out, f"TARGET_PARAMS={budget}", "_HIDDEN_STEP=16",
-                      "_FFN_STEP=16", "_BUDGET_TOLERANCE=0.1", "_SEARCH_DEPTH=True",
-                      "_NUM_CANDIDATES=3", "SAVE_TOP=2")
+    result = run_main(model_dir, scores, data, out, f"TARGET_PARAMS={budget}", "_BUDGET_TOLERANCE=0.1",
+                      "_SEARCH_DEPTH=True", "_NUM_CANDIDATES=3", "SAVE_TOP=2")
     printed = capsys.readouterr().out
     assert "rank" in printed and "budget:" in printed
     kls = [r["metrics"]["kl"] for r in result["results"]]
@@ -324,7 +344,7 @@ def test_end_to_end_subprocess(yarn_olmo, tmp_path):
     config = common.load_config(model_dir)
     budget = int(0.7 * common.param_count(common.shape_of(config), config)["total"])
     search = subprocess.run(script_cmd("prune.py", *common_args, f"TARGET_PARAMS={budget}",
-                                       "_HIDDEN_STEP=16", "_FFN_STEP=32", "_BUDGET_TOLERANCE=0.15",
+                                       "_BUDGET_TOLERANCE=0.15",
                                        "_NUM_CANDIDATES=2", f"OUTPUT={tmp_path / 'budget'}"),
                             cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert search.returncode == 0, search.stderr

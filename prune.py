@@ -41,7 +41,8 @@ TARGET_SPEEDUP: float | None = None    # decode at batch 1 this many x faster th
                                        # here (a search over depth and width; with TARGET_PARAMS too)
 SAVE_TOP = 1                           # best searched candidates written: OUTPUT, OUTPUT-2, ...
 REPAIR = True                          # refit down_proj / o_proj to the kept neurons and heads by
-                                       # least squares on SCORES' statistics (when it has them)
+                                       # least squares on SCORES' statistics (when it has them), and
+                                       # fold dropped layers into the layer before them
 DATASET: str | None = None             # held-out data: hub dataset or local file; None: SCORES'
 NUM_SAMPLES = 16                       # held-out packed rows (zero-shot metrics, depth, ranking)
 SEQ_LEN: int | None = None             # tokens per held-out row; None: SCORES' SEQ_LEN
@@ -85,6 +86,8 @@ _REPAIR_SELECT = True                  # with the repair, cut the MLP neurons it
                                        # (greedy OBS; SmolLM2 ffn 1024: ppl 44.7 vs 49.7 by activation)
 _REPAIR_ROUNDS = 64                    # neurons leave in this many batches (1 per round: 44.705,
                                        # 64: 44.703, 16: 44.915 on that shape)
+_DEPTH_FIT_ROWS = 64                   # depth repair: SCORES' first calibration rows it fits on
+_DEPTH_CHECK_TOKENS = 8192             # of which tokens set aside to check each fit
 _BATCH_SIZE = 4                        # held-out rows per forward pass
 _DTYPE = None                          # compute dtype; None: bfloat16 on GPU, float32 on CPU
 _SAVE_DTYPE = None                     # written weights; None: the source checkpoint's dtype
@@ -481,12 +484,17 @@ def slice_layer(params: dict, hidden: torch.Tensor | None, ffn: list[int],
     return out
 
 
+def norm_gain_scale(src: dict, plan: dict, norm_correction: bool) -> float:
+    """sqrt(H / H'): an RMSNorm over fewer channels sees a larger mean square (olmo3.md)."""
+    return math.sqrt(src["hidden_size"] / len(plan["hidden"])) if norm_correction else 1.0
+
+
 def slice_state_dict(state: dict, plan: dict, src: dict, norm_correction: bool) -> dict:
     """The pruned model's state dict: layers renumbered 0..n'-1, every axis sliced. Tensors
     with nothing to slice are the source's own (no copy)."""
     device = next(iter(state.values())).device
     hidden = index(plan["hidden"], src["hidden_size"], device)
-    gain_scale = math.sqrt(src["hidden_size"] / len(plan["hidden"])) if norm_correction else 1.0
+    gain_scale = norm_gain_scale(src, plan, norm_correction)
     by_layer: dict[int, dict] = {}
     out = {}
     for name, w in state.items():
@@ -670,11 +678,13 @@ class Cut:
     """How prune_one chooses, slices and repairs: main fills it from the recipe constants (the
     defaults are their values). With `grams(key, layer)` (open_grams) the matrices reading
     pruned neurons and heads are refit; with `select` too, the MLP neurons cut are the ones the
-    refit compensates best, chosen once per (layer, width) and kept in `memo`."""
+    refit compensates best, chosen once per (layer, width) and kept in `memo`. With `depth`,
+    each run of dropped layers is folded into the layer kept before it (depth_repair.py)."""
     grouping: str = "similarity"          # _GQA_GROUPING
     head_score: str = "activation"        # _HEAD_SCORE
     norm_correction: bool = True          # _NORM_CORRECTION
     grams: Callable | None = None         # the repair's statistics; None: slicing only
+    depth: Callable | None = None         # depth_stats' stats_of(p, end); None: no depth repair
     damping: float = 1e-3                 # _REPAIR_DAMPING
     select: bool = True                   # _REPAIR_SELECT
     rounds: int = 64                      # _REPAIR_ROUNDS
@@ -700,11 +710,49 @@ def prune_one(model, scores: dict, shape: dict, layers: list[int], dtype: torch.
                                          cut.memo) or by_score
                            for i, by_score in zip(layers, plan["ffn"])]
         sliced = slice_state_dict(state, plan, src, cut.norm_correction)
-        if cut.grams is not None:
-            plan["repair"] = repair(sliced, state, plan, src, cut.grams, cut.damping)
+        repaired = repair(sliced, state, plan, src, cut.grams, cut.damping) if cut.grams else {}
+        if cut.depth is not None and len(layers) < src["num_hidden_layers"]:
+            import depth_repair  # only when layers are dropped with REPAIR on
+            errors = depth_repair.repair(sliced, plan, state, src["num_hidden_layers"],
+                                         common.family_of(config), cut.depth, cut.damping,
+                                         norm_gain_scale(src, plan, cut.norm_correction),
+                                         config.rms_norm_eps)
+            if errors:
+                repaired["depth"] = errors
+        if cut.grams is not None or cut.depth is not None:
+            plan["repair"] = repaired
     new_config = pruned_config(config, shape, layers, dtype)
     device = str(common.input_device(model))
     return build_model(new_config, sliced, device, model.dtype), plan
+
+
+def fit_rows(meta: dict, tokenizer) -> torch.Tensor:
+    """The depth repair's rows: the first _DEPTH_FIT_ROWS of the calibration rows SCORES was
+    made from (same data, seed and length; the held-out rows stay unseen by every fit)."""
+    n = min(meta["num_samples"], _DEPTH_FIT_ROWS)
+    try:
+        rows = common.calibration_rows(meta["dataset"], tokenizer, n, meta["config"]["SEQ_LEN"],
+                                       meta["recipe"]["_SEED"])
+    except common.UserError as e:
+        raise common.UserError(f"{e}; the depth repair fits on SCORES' calibration data: make it "
+                               f"available or set REPAIR=False") from None
+    print(f"depth repair: fits on {len(rows)} calibration rows x {rows.shape[1]} tokens of SCORES' "
+          f"data")
+    return rows
+
+
+def depth_stats(model, rows: torch.Tensor, check_tokens: int, memo: dict) -> Callable:
+    """stats_of(p, end) for the depth repair: depth_repair.gather over `rows` on the source
+    `model`, once per run of dropped layers (kept in `memo`)."""
+    import depth_repair
+    family = common.family_of(model.config)
+
+    def stats_of(p: int, end: int):
+        if ("depth", p, end) not in memo:
+            memo["depth", p, end] = depth_repair.gather(model, family, rows, _BATCH_SIZE, p, end,
+                                                        check_tokens)
+        return memo["depth", p, end]
+    return stats_of
 
 
 # ---- search: a parameter budget or a speed-up -----------------------------------------------
@@ -908,11 +956,11 @@ def print_summary(src: dict, best: dict, before: dict, written: list, times: dic
     print("shape: " + ", ".join(f"{v} {src[k]} -> {shape[k]}" for k, v in short.items())
           + f", head_dim {shape['head_dim']}")
     print(f"layers_kept: {best['plan']['layers']}")
-    for key, name in (("mlp", "down_proj"), ("attention", "o_proj")):
-        if key in best["plan"].get("repair", {}):
+    for key, name in (("mlp", "down_proj"), ("attention", "o_proj"), ("depth", "depth")):
+        if key in (best["plan"].get("repair") or {}):
             e0, e1 = best["plan"]["repair"][key]
-            print(f"repair_{name}: output error {e0:.4f} -> {e1:.4f} (relative, mean over layers, "
-                  f"on the calibration tokens)")
+            print(f"repair_{name}: output error {e0:.4f} -> {e1:.4f} (relative, mean over "
+                  f"{'dropped runs' if key == 'depth' else 'layers'}, on the calibration tokens)")
     print(f"params: {fmt_params(before['total'])} -> {fmt_params(p['total'])} "
           f"({p['total'] / before['total']:.1%})")
     print(f"params_non_embedding: {fmt_params(before['non_embedding'])} -> "
@@ -960,6 +1008,9 @@ def main(argv: list[str]) -> dict:
 
     tokenizer = common.load_tokenizer(model)
     rows = held_out_rows(cfg, tokenizer, scores["meta"])
+    drops = cfg.TARGET_SPEEDUP is not None or any(s["num_hidden_layers"] < src["num_hidden_layers"]
+                                                  for s in shapes)
+    depth_rows = fit_rows(scores["meta"], tokenizer) if cfg.REPAIR and drops else None
     suite = None
     if _EVAL_TASKS:  # read (and checked) before the model loads
         import benchmarks
@@ -968,6 +1019,8 @@ def main(argv: list[str]) -> dict:
     teacher = common.load_model(model, device, dtype)
     times = {"load": time.time() - t0}
     print(f"model: {config.architectures} on {device} in {dtype}, loaded in {times['load']:.1f}s")
+    if depth_rows is not None:
+        cut.depth = depth_stats(teacher, depth_rows, _DEPTH_CHECK_TOKENS, cut.memo)
     t0 = time.time()
     results = score_candidates(teacher, scores, shapes, rows, protected, save_dtype, cut)
     times["prune_and_eval"] = time.time() - t0

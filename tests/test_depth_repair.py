@@ -1,0 +1,162 @@
+"""The depth repair: a dropped layer folded into the layer kept before it. Exact where it can be
+(tiny Llama and Olmo 3 with a planted dropped layer), never worse than the plain cut on its
+check tokens, the identity when nothing is dropped, a clean fallback on singular statistics,
+and wired through prune.py into checkpoints that load strictly and generate."""
+
+import pytest
+import torch
+
+import common
+import depth_repair
+import prune
+from conftest import llama_config, make_model, olmo3_config
+from test_prune import fake_scores, ids, logits, run_main, yarn_olmo  # noqa: F401
+
+MAKERS = pytest.mark.parametrize("make_config", [olmo3_config, llama_config],
+                                 ids=["olmo3", "llama-gqa"])
+
+
+def plant(model, drop: int, mix: torch.Tensor) -> list:
+    """Make layer `drop` add a function of what layer drop-1's MLP wrote (M) to the stream,
+    and nothing else: M @ mix for a matrix, M * mix for a vector (per channel). Hooks; the
+    caller removes them."""
+    family = common.family_of(model.config)
+    prev = model.model.layers[drop - 1]
+    site = getattr(prev, family.mlp_norm) if family.post_norm else prev.mlp
+    grab = {}
+
+    def update(mod, args, kwargs, out):
+        h = args[0] if args else kwargs["hidden_states"]
+        new = h + (grab["m"] @ mix if mix.dim() == 2 else grab["m"] * mix)
+        return (new, *out[1:]) if isinstance(out, tuple) else new
+    return [site.register_forward_hook(lambda mod, args, out: grab.update(m=out)),
+            model.model.layers[drop].register_forward_hook(update, with_kwargs=True)]
+
+
+def cut(model, layers, rows=None, damping=1e-10, **target):
+    """prune_one keeping source `layers`, with the depth repair fitted on `rows` (None: none)."""
+    src = common.shape_of(model.config)
+    shape = {**src, "num_hidden_layers": len(layers), **target}
+    depth = prune.depth_stats(model, rows, 10 ** 6, {}) if rows is not None else None
+    return prune.prune_one(model, fake_scores(model.config), shape, layers, torch.float32,
+                           prune.Cut(depth=depth, damping=damping))
+
+
+def test_dropped_runs():
+    assert depth_repair.dropped_runs([0, 1, 2, 3], 4) == []
+    assert depth_repair.dropped_runs([0, 3, 4, 7], 8) == [(1, 3), (5, 7)]
+    assert depth_repair.dropped_runs([1, 2], 4) == [(0, 1), (3, 4)]
+
+
+@MAKERS
+def test_a_planted_dropped_layer_is_replaced_exactly(make_config):
+    """Llama: the dropped layer adds M @ P (linear in the previous down projection's input):
+    the refit down projection carries it exactly. Olmo 3 (post-norm): it adds M * d per channel,
+    which the refit gain carries exactly through the norm. Logits match the source's to 1e-4;
+    the plain cut is far off."""
+    config = make_config()
+    model = make_model(config)
+    n, hidden = config.num_hidden_layers, config.hidden_size
+    drop = n - 2  # an Olmo 3 sliding layer; Llama's middle layer
+    g = torch.Generator().manual_seed(0)
+    mix = (0.3 * torch.randn(hidden, hidden, generator=g) if not config.model_type == "olmo3"
+           else torch.rand(hidden, generator=g) - 0.5)
+    hooks = plant(model, drop, mix)
+    x = ids(2, 20, seed=9)
+    try:
+        want = logits(model, x)
+        keep = [i for i in range(n) if i != drop]
+        repaired, plan = cut(model, keep, ids(8, 32, seed=1))
+        plain, _ = cut(model, keep)
+    finally:
+        for h in hooks:
+            h.remove()
+    before, after = plan["repair"]["depth"]
+    assert after < 1e-8 < before
+    assert torch.allclose(logits(repaired, x), want, atol=1e-4), (logits(repaired, x) - want).abs().max()
+    assert (logits(plain, x) - want).abs().max() > 1e-2
+
+
+@MAKERS
+def test_the_repair_never_makes_the_check_error_worse(make_config):
+    """On an ordinary random model the fit lowers the error of the layer before the run; a fit
+    made useless (a huge ridge) is refused and the layer stays exactly as cut."""
+    config = make_config()
+    model = make_model(config)
+    keep = [0, config.num_hidden_layers - 1]
+    rows = ids(8, 32, seed=1)
+    repaired, plan = cut(model, keep, rows, damping=1e-3)
+    before, after = plan["repair"]["depth"]
+    assert after < before
+    refused, plan = cut(model, keep, rows, damping=1e12)
+    assert plan["repair"]["depth"][1] == plan["repair"]["depth"][0]
+    plain, _ = cut(model, keep)
+    a, b = plain.state_dict(), refused.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@MAKERS
+def test_nothing_dropped_is_the_identity(make_config):
+    model = make_model(make_config())
+    n = model.config.num_hidden_layers
+    new, plan = cut(model, list(range(n)), ids(4, 16, seed=1))
+    a, b = model.state_dict(), new.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert plan["repair"] == {}
+
+
+@MAKERS
+def test_singular_statistics_fall_back_to_the_cut(make_config):
+    """The layer before the run writes nothing (its up projection is zero: z = 0, a zero Gram):
+    no fit is possible, the layer stays as cut, nothing is NaN."""
+    config = make_config()
+    model = make_model(config)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.zero_()
+    keep = [0, config.num_hidden_layers - 1]
+    repaired, plan = cut(model, keep, ids(4, 16, seed=1), damping=1e-3)
+    plain, _ = cut(model, keep)
+    a, b = plain.state_dict(), repaired.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.isfinite(logits(repaired, ids())).all()
+
+
+def test_a_run_from_layer_zero_is_left_as_cut(capsys):
+    model = make_model(llama_config())
+    repaired, plan = cut(model, [1, 2], ids(4, 16, seed=1))
+    assert "layers 0-0 have no layer before them" in capsys.readouterr().out
+    assert "depth" not in plan["repair"]
+
+
+def test_with_width_cuts_too(capsys):
+    """Depth and width at once (fewer neurons, hidden channels and heads): the fit runs on the
+    kept neurons and hidden channels and still lowers the error."""
+    model = make_model(llama_config(num_hidden_layers=4))
+    repaired, plan = cut(model, [0, 1, 3], ids(8, 32, seed=1), damping=1e-3,
+                         intermediate_size=64, hidden_size=48)
+    before, after = plan["repair"]["depth"]
+    assert after < before
+    assert torch.isfinite(logits(repaired, ids())).all()
+
+
+def test_prune_writes_a_depth_repaired_checkpoint_that_loads_strictly(yarn_olmo, tmp_path, capsys):  # noqa: F811
+    """TARGET_LAYERS with REPAIR on (the default): the record has the depth repair's errors, the
+    checkpoint loads in transformers with no missing or unexpected keys and generates; with
+    REPAIR=False the same layers are dropped without it."""
+    from transformers import AutoModelForCausalLM
+    model_dir, scores, data = yarn_olmo
+    run_main(model_dir, scores, data, tmp_path / "r", "TARGET_LAYERS=6",
+                        "_DEPTH_METRIC='bi'")  # drops 5 and 6 (3 and 7 are full attention)
+    printed = capsys.readouterr().out
+    assert "depth repair: fits on 4 calibration rows" in printed and "repair_depth:" in printed
+    record = common.read_record(tmp_path / "r")
+    before, after = record["repair"]["depth"]
+    assert after < before and record["kept"]["layers"] == [0, 1, 2, 3, 4, 7]
+    model, info = AutoModelForCausalLM.from_pretrained(tmp_path / "r", output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    out = model.generate(ids(1, 5), max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 9)
+    plain = run_main(model_dir, scores, data, tmp_path / "p", "TARGET_LAYERS=6", "REPAIR=False",
+                     "_DEPTH_METRIC='bi'")
+    assert "depth" not in (common.read_record(tmp_path / "p")["repair"] or {})
+    assert plain["results"][0]["plan"]["layers"] == record["kept"]["layers"]

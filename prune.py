@@ -82,8 +82,9 @@ _LATENCY_WARMUP = 2                    # untimed runs, then the median of _LATEN
 _LATENCY_REPEATS = 5
 _SPEEDUP_TOLERANCE = 0.15              # candidates from TARGET_SPEEDUP up to 1.15 x it
 _REPAIR_DAMPING = 1e-3                 # ridge of the repair: this x the mean diagonal of the kept Gram
-_REPAIR_SELECT = True                  # with the repair, cut the MLP neurons its refit replaces best
-                                       # (greedy OBS; SmolLM2 ffn 1024: ppl 44.7 vs 49.7 by activation)
+_REPAIR_SELECT = True                  # with the repair, cut the MLP neurons and the query heads its
+                                       # refit replaces best (greedy OBS; SmolLM2 ffn 1024: ppl 44.7
+                                       # vs 49.7 by activation)
 _REPAIR_ROUNDS = 64                    # neurons leave in this many batches (1 per round: 44.705,
                                        # 64: 44.703, 16: 44.915 on that shape)
 _DEPTH_FIT_ROWS = 64                   # depth repair: SCORES' first calibration rows it fits on
@@ -352,22 +353,23 @@ def group_heads(kept: list[int], importance: torch.Tensor, features: torch.Tenso
 
 
 def choose_heads(importance: torch.Tensor, src: dict, shape: dict, features, grouping: str,
-                 ) -> list[list[int]]:
+                 kept: list[int] | None = None) -> list[list[int]]:
     """Groups of kept source query heads, one group per new kv head, in the new order.
 
     GQA source, kv heads kept: the same number of query heads per kv group, ranked within it.
     Fewer kv heads than the source: the kept heads (top per group when that divides evenly,
     else top overall) are regrouped by `group_heads`; their K/V are pooled in `slice_layer`.
+    `kept`: the heads to keep, chosen otherwise (surgeon_heads), under the same rule.
     """
     heads, kv = shape["num_attention_heads"], shape["num_key_value_heads"]
     src_heads, src_kv = src["num_attention_heads"], src["num_key_value_heads"]
     per = src_heads // src_kv
-    if heads % src_kv == 0:
+    if kept is None and heads % src_kv == 0:
         kept = []
         for g in range(src_kv):
             kept += [g * per + i for i in top_sorted(importance[g * per:(g + 1) * per],
                                                      heads // src_kv)]
-    else:
+    elif kept is None:
         kept = top_sorted(importance, heads)
     if kv == src_kv:
         return [[h for h in kept if h // per == g] for g in range(src_kv)]
@@ -391,13 +393,15 @@ def layer_weights(model, family: common.Family):
 
 
 def make_plan(scores: dict, src: dict, shape: dict, layers: list[int], layer_weights,
-              grouping: str = "similarity", head_score: str = "activation") -> dict:
+              grouping: str = "similarity", head_score: str = "activation",
+              head_choice: Callable | None = None) -> dict:
     """Kept source indices per axis: the `kept` block of the record, with kv groups.
 
     `layer_weights(i)` gives layer i's (k_proj, v_proj, k_norm gains or None, o_proj) weights.
     Heads are ranked by their Minitron score (the norm of their input to o_proj) or, with
     head_score='output', by that times the norm of their o_proj columns: a head whose output
-    o_proj scales down matters less than its activation says.
+    o_proj scales down matters less than its activation says. `head_choice(i)`: layer i's kept
+    heads chosen otherwise (the repair's surgeon), or None for the ranking's.
     """
     n_kv = src["num_key_value_heads"]
     plan = {"layers": layers, "hidden": top_sorted(hidden_importance(scores), shape["hidden_size"]),
@@ -412,7 +416,8 @@ def make_plan(scores: dict, src: dict, shape: dict, layers: list[int], layer_wei
         if head_score == "output":
             norms = head_output_norms(o_w, src["num_attention_heads"])
             importance = importance * norms.to(importance.device)  # weights may be on a GPU
-        groups = choose_heads(importance, src, shape, features, grouping)
+        kept = head_choice(i) if head_choice is not None else None
+        groups = choose_heads(importance, src, shape, features, grouping, kept)
         plan["kv_groups"].append(groups)
         plan["heads"].append([h for g in groups for h in g])
     return plan
@@ -611,6 +616,57 @@ def surgeon_keep(w: torch.Tensor, gram: torch.Tensor, n_keep: int, damping: floa
     return alive.nonzero().flatten().tolist()
 
 
+def surgeon_heads(w: torch.Tensor, gram: torch.Tensor, head_dim: int, groups: list[list[int]],
+                  per_group: int, damping: float) -> list[int] | None:
+    """The query heads to keep, `per_group` of each of `groups` (kv groups, or one group of all),
+    so that refitting o_proj on them loses the least: surgeon_keep's criterion for whole heads,
+    each a block S of `head_dim` input columns, whose cut costs tr(W_S [(H^-1)_SS]^-1 W_S^T).
+    One head leaves per round (heads are few). Sorted, or None when H cannot be factored."""
+    W, G = w.double(), gram.to(w.device).double()
+    n = G.shape[0]
+    lam = damping * G.diagonal().mean().clamp(min=1e-30)
+    chol, info = torch.linalg.cholesky_ex(G + lam * torch.eye(n, dtype=G.dtype, device=G.device))
+    if info != 0 or not torch.isfinite(chol).all():
+        return None
+    Hi = torch.cholesky_inverse(chol)
+    alive = [list(g) for g in groups]
+
+    def cols(h):
+        return torch.arange(h * head_dim, (h + 1) * head_dim, device=W.device)
+
+    while any(len(g) > per_group for g in alive):
+        best = None
+        for g in alive:
+            for h in g if len(g) > per_group else []:
+                S = cols(h)
+                inv = torch.linalg.pinv(Hi[S][:, S], hermitian=True)
+                cost = ((W[:, S] @ inv) * W[:, S]).sum().item()
+                if best is None or cost < best[0]:
+                    best = (cost, h, g, S, inv)
+        _, h, g, S, inv = best
+        W = W - (W[:, S] @ inv) @ Hi[S]
+        Hi = Hi - Hi[:, S] @ inv @ Hi[S]
+        g.remove(h)
+    return sorted(h for g in alive for h in g)
+
+
+def repair_heads(state: dict, grams, layer: int, src: dict, n_heads: int, damping: float,
+                 memo: dict) -> list[int] | None:
+    """Layer `layer`'s kept query heads for the repair (surgeon_heads on its o_proj, the same
+    count from every kv group when that divides evenly), memoised in `memo`; None (keep the
+    activation ranking's) when the Gram cannot be factored."""
+    if ("heads", layer, n_heads) not in memo:
+        src_heads, src_kv = src["num_attention_heads"], src["num_key_value_heads"]
+        per = src_heads // src_kv
+        even = n_heads % src_kv == 0
+        groups = ([list(range(g * per, (g + 1) * per)) for g in range(src_kv)] if even
+                  else [list(range(src_heads))])
+        memo["heads", layer, n_heads] = surgeon_heads(
+            state[f"model.layers.{layer}.self_attn.o_proj.weight"], grams("attention", layer),
+            src["head_dim"], groups, n_heads // src_kv if even else n_heads, damping)
+    return memo["heads", layer, n_heads]
+
+
 def repair_choice(state: dict, grams, layer: int, n_keep: int, damping: float, rounds: int,
                   memo: dict) -> list[int] | None:
     """Layer `layer`'s kept MLP neurons for the repair (surgeon_keep on its down_proj), memoised
@@ -700,9 +756,14 @@ def prune_one(model, scores: dict, shape: dict, layers: list[int], dtype: torch.
     kind."""
     config = model.config
     src = common.shape_of(config)
-    plan = make_plan(scores, src, shape, layers, layer_weights(model, common.family_of(config)),
-                     cut.grouping, cut.head_score)
     state = model.state_dict() if state is None else state
+    head_choice = None
+    if cut.grams is not None and cut.select and shape["num_attention_heads"] < src["num_attention_heads"]:
+        def head_choice(i):
+            return repair_heads(state, cut.grams, i, src, shape["num_attention_heads"], cut.damping,
+                                cut.memo)
+    plan = make_plan(scores, src, shape, layers, layer_weights(model, common.family_of(config)),
+                     cut.grouping, cut.head_score, head_choice)
     with torch.no_grad():
         n_ffn = shape["intermediate_size"]
         if cut.grams is not None and cut.select and n_ffn < src["intermediate_size"]:

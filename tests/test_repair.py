@@ -11,6 +11,14 @@ import prune
 from conftest import llama_config, make_model, olmo3_config, recipe, save_model
 from test_prune import fake_scores, ids
 
+def mha_llama():
+    return llama_config(num_key_value_heads=4)
+
+
+def wide_gqa_llama():
+    return llama_config(num_attention_heads=8, num_key_value_heads=2)
+
+
 MAKERS = pytest.mark.parametrize("make_config", [olmo3_config, llama_config],
                                  ids=["olmo3", "llama-gqa"])
 
@@ -166,3 +174,52 @@ def test_scores_of_a_saved_model_and_its_grams_agree(tmp_path, text_file):
     g = grams("mlp", 1)
     assert s["mlp"][1, 7] == 0 and g[7].abs().max() == 0 and g.diagonal().min() == 0
     assert torch.allclose(g, g.T)
+
+
+@pytest.mark.parametrize("make_config", [olmo3_config, wide_gqa_llama, mha_llama],
+                         ids=["olmo3", "llama-gqa", "llama-mha"])
+def test_the_head_surgeon_drops_a_planted_redundant_head_exactly(make_config):
+    """Query heads that are copies of each other (same query rows, same keys and values) write
+    the same output: one of each pair can go and its o_proj columns fold into the other's.
+    Olmo 3 (MHA, 4 heads): 3 copies 1, 3 heads kept. Llama MHA: 3 copies 1 and 2 copies 0, 2
+    kept. Llama GQA (2 kv groups of 4): heads come in pairs of copies, 2 kept per group. The
+    activation ranking, which scores one pair per group highest, keeps both of it; the surgeon
+    keeps one of each pair (Llama's config needs the hidden size to divide by the heads).
+    Llama: exactly. Olmo 3's q/k norms run over the whole projection, so a head fewer changes
+    every head's normalisation: not exact there, but far better than the ranking's choice."""
+    config = make_config()
+    model = make_model(config)
+    hd = config.hidden_size // config.num_attention_heads
+    mha = config.num_key_value_heads == config.num_attention_heads
+    pairs, heads, high = {"olmo3": ([(1, 3)], 3, [1, 3]), "mha": ([(1, 3), (0, 2)], 2, [1, 3]),
+                          "gqa": ([(0, 1), (2, 3), (4, 5), (6, 7)], 4, [0, 1, 4, 5])}[
+        "olmo3" if config.model_type == "olmo3" else "mha" if mha else "gqa"]
+
+    def copy_rows(w, keep, copy):
+        w[copy * hd:(copy + 1) * hd] = w[keep * hd:(keep + 1) * hd]
+    with torch.no_grad():
+        for block in model.model.layers:
+            a = block.self_attn
+            for keep, copy in pairs:
+                copy_rows(a.q_proj.weight, keep, copy)
+                if mha:  # each head its own kv head: copy those too (and Olmo's norm gains)
+                    copy_rows(a.k_proj.weight, keep, copy)
+                    copy_rows(a.v_proj.weight, keep, copy)
+                if config.model_type == "olmo3":
+                    copy_rows(a.q_norm.weight, keep, copy)
+                    copy_rows(a.k_norm.weight, keep, copy)
+    scores = fake_scores(model.config)
+    scores["attention"][:, high] = scores["attention"].max() + 1  # both of a pair look best
+    grams = grams_of(model, ids(8, 24, seed=1))
+    x = ids(2, 20, seed=5)
+    repaired, plan = cut(model, scores, grams, damping=1e-10, num_attention_heads=heads)
+    by_score, _ = cut(model, scores, grams, damping=1e-10, select=False, num_attention_heads=heads)
+    for kept in plan["heads"]:
+        assert all(len({keep, copy} & set(kept)) == 1 for keep, copy in pairs), kept
+    with torch.no_grad():
+        want, got, other = (m(input_ids=x).logits for m in (model, repaired, by_score))
+    if config.model_type == "olmo3":
+        assert (other - want).abs().max() > 3 * (got - want).abs().max()
+    else:
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        assert (other - want).abs().max() > 100 * (got - want).abs().max()

@@ -198,3 +198,41 @@ def repair(sliced: dict, plan: dict, source: dict, n_layers: int, family: common
         return None
     return sum(e[0] for e in errors) / len(errors), sum(e[1] for e in errors) / len(errors)
 
+
+
+@torch.no_grad()
+def repaired_skip_loss(model, family: common.Family, rows: torch.Tensor, batch_size: int,
+                       dropped: list[int], stats_of, damping: float) -> float:
+    """Loss on `rows` with the layers `dropped` skipped and each run's repair (at full width)
+    patched into the model for the measurement, then put back: what the repair makes of that
+    choice of layers. A fit that does not lower its check error is left out, as in `repair`."""
+    layers = model.model.layers
+    n = len(layers)
+    saved = []
+    try:
+        for start, end in dropped_runs([i for i in range(n) if i not in dropped], n):
+            if start == 0:
+                continue
+            layer = layers[start - 1]
+            w = layer.mlp.down_proj.weight
+            norm = getattr(layer, family.mlp_norm) if family.post_norm else None
+            stats = stats_of(start - 1, end)
+            everything = list(range(w.shape[1]))
+            gain = norm.weight if norm is not None else None
+            result = fit(stats, everything, gain, damping)
+            if result is None:
+                continue
+            eps = norm.variance_epsilon if norm is not None else 0.0
+            channels = list(range(w.shape[0]))
+            if check_error(stats, everything, channels, result[0], result[1], eps) >= check_error(
+                    stats, everything, channels, w, gain, eps):
+                continue
+            saved.append((w, w.detach().clone()))
+            w.copy_(result[0].to(w))
+            if norm is not None:
+                saved.append((norm.weight, norm.weight.detach().clone()))
+                norm.weight.copy_(result[1].to(norm.weight))
+        return common.skip_loss(model, rows, batch_size, dropped)
+    finally:
+        for param, value in saved:
+            param.copy_(value)

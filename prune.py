@@ -89,6 +89,8 @@ _REPAIR_ROUNDS = 64                    # neurons leave in this many batches (1 p
                                        # 64: 44.703, 16: 44.915 on that shape)
 _DEPTH_FIT_ROWS = 64                   # depth repair: SCORES' first calibration rows it fits on
 _DEPTH_CHECK_TOKENS = 8192             # of which tokens set aside to check each fit
+_DEPTH_RERANK = 3                      # 'block' with the repair: its cheapest runs measured again
+                                       # repaired, the best of those dropped (0: as without it)
 _BATCH_SIZE = 4                        # held-out rows per forward pass
 _DTYPE = None                          # compute dtype; None: bfloat16 on GPU, float32 on CPU
 _SAVE_DTYPE = None                     # written weights; None: the source checkpoint's dtype
@@ -557,6 +559,21 @@ def block_costs(model, rows, batch_size, droppable: list[int], n_drop: int) -> d
             for r in tqdm(runs, desc=f"block cost ({n_drop} layers)")}
 
 
+def repaired_costs(model, rows, batch_size, costs: dict, k: int, stats_of, damping: float) -> dict:
+    """`costs` with its k cheapest runs measured again with the depth repair patched in (and
+    the rest left out): the run the repair compensates best may not be the cheapest to skip."""
+    import depth_repair
+    family = common.family_of(model.config)
+    cheapest = sorted(costs, key=costs.get)[:k]
+    new = {run: depth_repair.repaired_skip_loss(model, family, rows, batch_size, list(run),
+                                                stats_of, damping)
+           for run in tqdm(cheapest, desc="block cost with the depth repair")}
+    plain, best = min(costs, key=costs.get), min(new, key=new.get)
+    print(f"depth: skipping {list(best)} costs {new[best]:.4f} with the repair (without: "
+          f"{costs[best]:.4f}); the cheapest without it, {list(plain)}, {new[plain]:.4f} with it")
+    return new
+
+
 # ---- repair: least-squares refit of what reads the pruned channels --------------------------
 
 def refit(w: torch.Tensor, gram: torch.Tensor, kept: list[int], damping: float) -> tuple:
@@ -949,6 +966,9 @@ def score_candidates(teacher, scores: dict, shapes: list[dict], rows: torch.Tens
         n_drop = n - shape["num_hidden_layers"]
         if _DEPTH_METRIC == "block" and n_drop and n_drop not in costs:
             costs[n_drop] = block_costs(teacher, rows, _BATCH_SIZE, droppable, n_drop)
+            if cut.depth is not None and _DEPTH_RERANK:
+                costs[n_drop] = repaired_costs(teacher, rows, _BATCH_SIZE, costs[n_drop],
+                                               _DEPTH_RERANK, cut.depth, cut.damping)
         layers = choose_layers(scores, _DEPTH_METRIC, n, shape["num_hidden_layers"], protected,
                                costs.get(n_drop))
         t0 = time.time()

@@ -160,3 +160,45 @@ def test_prune_writes_a_depth_repaired_checkpoint_that_loads_strictly(yarn_olmo,
                      "_DEPTH_METRIC='bi'")
     assert "depth" not in (common.read_record(tmp_path / "p")["repair"] or {})
     assert plain["results"][0]["plan"]["layers"] == record["kept"]["layers"]
+
+
+def test_the_repair_changes_which_layer_block_drops(monkeypatch, capsys):
+    """Layer 3 nearly does nothing (the cheapest to skip as it is); layer 2's update is linear in
+    what layer 1's MLP wrote (costly to skip, free once repaired). Measured again with the
+    repair, 'block' drops layer 2; the model's weights are put back after each measurement.
+    (A random model's loss can fall when a layer is skipped, so the cost measured here is the
+    distance to the source's logits.)"""
+    model = make_model(llama_config(num_hidden_layers=4))
+    with torch.no_grad():
+        model.model.layers[3].self_attn.o_proj.weight.mul_(0.01)
+        model.model.layers[3].mlp.down_proj.weight.mul_(0.01)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    mix = torch.randn(64, 64, generator=torch.Generator().manual_seed(0)) / 4
+    hooks = plant(model, 2, mix)
+    rows = ids(8, 32, seed=1)
+
+    def skipping(skip):
+        def identity(mod, args, kwargs, out):
+            h = args[0] if args else kwargs["hidden_states"]
+            return (h, *out[1:]) if isinstance(out, tuple) else h
+        handles = [model.model.layers[i].register_forward_hook(identity, with_kwargs=True)
+                   for i in skip]
+        try:
+            return logits(model, rows)
+        finally:
+            for h in handles:
+                h.remove()
+    want = skipping(())
+    monkeypatch.setattr(common, "skip_loss", lambda m, r, b, skip=(): (
+        (skipping(skip) - want).pow(2).mean().item()))
+    try:
+        costs = prune.block_costs(model, rows, 4, [2, 3], 1)
+        assert min(costs, key=costs.get) == (3,)
+        stats_of = prune.depth_stats(model, rows, 10 ** 6, {})
+        new = prune.repaired_costs(model, rows, 4, costs, 2, stats_of, 1e-10)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert min(new, key=new.get) == (2,) and new[(2,)] < 1e-6 < costs[(3,)]
+    assert "depth: skipping [2] costs" in capsys.readouterr().out
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

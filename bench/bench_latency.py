@@ -1,6 +1,7 @@
 """Latency-aware pruning on a real model: prune.py's measured speed-ups against an independent
 generate() timing of the checkpoints it writes, the search time with and without the cache, and
-the parameter-only choice of the same size for comparison.
+the parameter-only choice of the same size for comparison, and the ranking without the repair
+(REPAIR=False on the same cached timings: does the repair move the chosen shape?).
 
     uv run bench/bench_latency.py MODEL_DIR SCORES EVAL_TXT OUT_DIR [TARGET_SPEEDUP]
 
@@ -70,6 +71,13 @@ def main(model, scores, eval_txt, out_dir, target="1.5"):
                                       f"OUTPUT={out / 'fast'}"])
     print(f"search_time_cold_s: {t_cold:.1f}")
     print(f"search_time_cached_s: {t_warm:.1f} ({t_warm / t_cold:.2f}x)")
+    plain, _ = run_prune(base + [f"TARGET_SPEEDUP={target}", "REPAIR=False",
+                                 f"OUTPUT={out / 'fast-norepair'}"])  # the same timings, cached
+    for name, res in (("repair", first), ("no_repair", plain)):  # does the repair move the choice?
+        print(f"ranking_{name}: " + "; ".join(
+            f"hidden {r['shape']['hidden_size']} ffn {r['shape']['intermediate_size']} heads "
+            f"{r['shape']['num_attention_heads']} layers {r['shape']['num_hidden_layers']}: "
+            f"{r['latency']['speedup']:.2f}x KL {r['metrics']['kl']:.4f}" for r in res["results"]))
     win = first["results"][0]
     try:  # the parameter-only choice (width only, the budget search's default) of that size
         width, _ = run_prune(base + [f"TARGET_PARAMS={win['params']['total']}",

@@ -34,7 +34,19 @@ SHAPES = {  # name: (knob overrides, prune.py recipe constants set for the run)
     "h504_ffn1024_norepair": (["TARGET_HIDDEN=504", "TARGET_FFN=1024", "REPAIR=False"], {}),
     "heads6_norepair": (["TARGET_HEADS=6", "REPAIR=False"], {}),
     "layers24_block_norepair": (["TARGET_LAYERS=24", "REPAIR=False"], {"_DEPTH_METRIC": "block"}),
+    # depth with and without the depth repair (block: also without its repaired re-ranking)
+    "layers24_block_norerank": (["TARGET_LAYERS=24"], {"_DEPTH_METRIC": "block", "_DEPTH_RERANK": 0}),
+    "layers24_bi_norepair": (["TARGET_LAYERS=24", "REPAIR=False"], {"_DEPTH_METRIC": "bi"}),
+    "layers21_block": (["TARGET_LAYERS=21"], {"_DEPTH_METRIC": "block"}),
+    "layers21_block_norerank": (["TARGET_LAYERS=21"], {"_DEPTH_METRIC": "block", "_DEPTH_RERANK": 0}),
+    "layers21_block_norepair": (["TARGET_LAYERS=21", "REPAIR=False"], {"_DEPTH_METRIC": "block"}),
+    "layers21_bi": (["TARGET_LAYERS=21"], {"_DEPTH_METRIC": "bi"}),
+    "layers21_bi_norepair": (["TARGET_LAYERS=21", "REPAIR=False"], {"_DEPTH_METRIC": "bi"}),
+    # heads by the repair's surgeon (heads6) vs by their activation, both refit
+    "heads6_byscore": (["TARGET_HEADS=6"], {"_REPAIR_SELECT": False}),
 }
+ACCURACY = ("layers24_block", "layers24_block_norepair", "layers21_block", "layers21_block_norepair",
+            "heads6", "heads6_byscore")  # prune.py's downstream suite runs for these only
 RANDOM_SEEDS = (0, 1)  # random-kept baselines per shape
 EVAL_ARGS = ["NUM_SAMPLES=16", "SEQ_LEN=256"]
 
@@ -77,16 +89,22 @@ def main(model, scores, eval_txt, out_dir, names, seeds=RANDOM_SEEDS):
         knobs, constants = SHAPES[name]
         args = [f"MODEL={model}", f"DATASET={eval_txt}", *EVAL_ARGS, *knobs]
         runs = [("pare", scores)] + [(f"random{seed}", p) for seed, p in zip(seeds, rnd)]
-        if name.endswith(("_nocorr", "_loss", "_block", "_output", "_norepair")):
+        if name.endswith(("_nocorr", "_loss", "_block", "_output", "_norepair", "_norerank",
+                          "_byscore")):
             runs = runs[:1]  # variants of Pare's own choices: no random baseline needed
         for kind, path in runs:
+            if name not in ACCURACY:
+                constants = {**constants, "_EVAL_TASKS": []}
             res = with_recipe(constants, prune.main,
                               args + [f"SCORES={path}", f"OUTPUT={out / f'{name}-{kind}'}"])
             m = res["results"][0]["metrics"]
             table.append((name, kind, res["results"][0]["params"]["total"], m["teacher_ppl"],
                           m["student_ppl"], m["kl"]))
+            acc = res["results"][0].get("downstream")
             print(f"result: {name} {kind} params={table[-1][2]} teacher_ppl={m['teacher_ppl']:.3f} "
-                  f"pruned_ppl={m['student_ppl']:.3f} kl={m['kl']:.4f}", flush=True)
+                  f"pruned_ppl={m['student_ppl']:.3f} kl={m['kl']:.4f} layers="
+                  f"{res['results'][0]['plan']['layers']}"
+                  + (f" accuracy={sum(acc.values()) / len(acc):.2f} {acc}" if acc else ""), flush=True)
     print(f"{'shape':<22} {'kept by':<8} {'params':>10} {'teacher':>8} {'pruned':>9} {'KL':>7}")
     for name, kind, p, t, s, kl in table:
         print(f"{name:<22} {kind:<8} {p / 1e6:9.2f}M {t:8.3f} {s:9.3f} {kl:7.4f}")

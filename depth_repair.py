@@ -21,6 +21,7 @@ on calibration tokens set aside for the check (as the width repair keeps only im
 """
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -105,7 +106,8 @@ def gather(model, family: common.Family, rows: torch.Tensor, batch_size: int, p:
                 m = norm.weight.double() * v
             else:
                 s, m = 1.0, u
-            t = (grab["h_b"] - grab["h_p1"]).flatten(0, -2).double() + m
+            # layers p and end-1 may sit on different GPUs (a model spread by device_map)
+            t = (grab["h_b"].to(device) - grab["h_p1"].to(device)).flatten(0, -2).double() + m
             gram += z.T @ z
             cross += z.T @ (s * t)
             if norm is not None:
@@ -120,6 +122,19 @@ def gather(model, family: common.Family, rows: torch.Tensor, batch_size: int, p:
         for hook in hooks:
             hook.remove()
     return RunStats(p, end, gram, cross, num, den, torch.cat(kept_z), torch.cat(kept_t))
+
+
+def stats_source(model, rows: torch.Tensor, batch_size: int, check_tokens: int,
+                 memo: dict) -> Callable:
+    """stats_of(p, end): `gather` over `rows` on the source `model`, once per run of dropped
+    layers (kept in `memo`, which prune.py shares between the candidates of a search)."""
+    family = common.family_of(model.config)
+
+    def stats_of(p: int, end: int) -> RunStats:
+        if ("depth", p, end) not in memo:
+            memo["depth", p, end] = gather(model, family, rows, batch_size, p, end, check_tokens)
+        return memo["depth", p, end]
+    return stats_of
 
 
 def fit(stats: RunStats, kept: list[int], gain: torch.Tensor | None,
@@ -236,3 +251,18 @@ def repaired_skip_loss(model, family: common.Family, rows: torch.Tensor, batch_s
     finally:
         for param, value in saved:
             param.copy_(value)
+
+
+def rerank(model, rows: torch.Tensor, batch_size: int, costs: dict, k: int, stats_of,
+           damping: float) -> dict:
+    """prune.py's block costs {run: loss} with its k cheapest runs measured again with the repair
+    patched in (and the rest left out): the run the repair compensates best may not be the one
+    cheapest to skip as it is."""
+    family = common.family_of(model.config)
+    cheapest = sorted(costs, key=costs.get)[:k]
+    new = {run: repaired_skip_loss(model, family, rows, batch_size, list(run), stats_of, damping)
+           for run in tqdm(cheapest, desc="block cost with the depth repair")}
+    plain, best = min(costs, key=costs.get), min(new, key=new.get)
+    print(f"depth: skipping {list(best)} costs {new[best]:.4f} with the repair (without: "
+          f"{costs[best]:.4f}); the cheapest without it, {list(plain)}, {new[plain]:.4f} with it")
+    return new

@@ -559,21 +559,6 @@ def block_costs(model, rows, batch_size, droppable: list[int], n_drop: int) -> d
             for r in tqdm(runs, desc=f"block cost ({n_drop} layers)")}
 
 
-def repaired_costs(model, rows, batch_size, costs: dict, k: int, stats_of, damping: float) -> dict:
-    """`costs` with its k cheapest runs measured again with the depth repair patched in (and
-    the rest left out): the run the repair compensates best may not be the cheapest to skip."""
-    import depth_repair
-    family = common.family_of(model.config)
-    cheapest = sorted(costs, key=costs.get)[:k]
-    new = {run: depth_repair.repaired_skip_loss(model, family, rows, batch_size, list(run),
-                                                stats_of, damping)
-           for run in tqdm(cheapest, desc="block cost with the depth repair")}
-    plain, best = min(costs, key=costs.get), min(new, key=new.get)
-    print(f"depth: skipping {list(best)} costs {new[best]:.4f} with the repair (without: "
-          f"{costs[best]:.4f}); the cheapest without it, {list(plain)}, {new[plain]:.4f} with it")
-    return new
-
-
 # ---- repair: least-squares refit of what reads the pruned channels --------------------------
 
 def refit(w: torch.Tensor, gram: torch.Tensor, kept: list[int], damping: float) -> tuple:
@@ -757,7 +742,7 @@ class Cut:
     head_score: str = "activation"        # _HEAD_SCORE
     norm_correction: bool = True          # _NORM_CORRECTION
     grams: Callable | None = None         # the repair's statistics; None: slicing only
-    depth: Callable | None = None         # depth_stats' stats_of(p, end); None: no depth repair
+    depth: Callable | None = None         # depth_repair.stats_source's stats_of(p, end); None: none
     damping: float = 1e-3                 # _REPAIR_DAMPING
     select: bool = True                   # _REPAIR_SELECT
     rounds: int = 64                      # _REPAIR_ROUNDS
@@ -817,20 +802,6 @@ def fit_rows(meta: dict, tokenizer) -> torch.Tensor:
     print(f"depth repair: fits on {len(rows)} calibration rows x {rows.shape[1]} tokens of SCORES' "
           f"data")
     return rows
-
-
-def depth_stats(model, rows: torch.Tensor, check_tokens: int, memo: dict) -> Callable:
-    """stats_of(p, end) for the depth repair: depth_repair.gather over `rows` on the source
-    `model`, once per run of dropped layers (kept in `memo`)."""
-    import depth_repair
-    family = common.family_of(model.config)
-
-    def stats_of(p: int, end: int):
-        if ("depth", p, end) not in memo:
-            memo["depth", p, end] = depth_repair.gather(model, family, rows, _BATCH_SIZE, p, end,
-                                                        check_tokens)
-        return memo["depth", p, end]
-    return stats_of
 
 
 # ---- search: a parameter budget or a speed-up -----------------------------------------------
@@ -967,8 +938,9 @@ def score_candidates(teacher, scores: dict, shapes: list[dict], rows: torch.Tens
         if _DEPTH_METRIC == "block" and n_drop and n_drop not in costs:
             costs[n_drop] = block_costs(teacher, rows, _BATCH_SIZE, droppable, n_drop)
             if cut.depth is not None and _DEPTH_RERANK:
-                costs[n_drop] = repaired_costs(teacher, rows, _BATCH_SIZE, costs[n_drop],
-                                               _DEPTH_RERANK, cut.depth, cut.damping)
+                import depth_repair  # only when layers are dropped with REPAIR on
+                costs[n_drop] = depth_repair.rerank(teacher, rows, _BATCH_SIZE, costs[n_drop],
+                                                    _DEPTH_RERANK, cut.depth, cut.damping)
         layers = choose_layers(scores, _DEPTH_METRIC, n, shape["num_hidden_layers"], protected,
                                costs.get(n_drop))
         t0 = time.time()
@@ -1101,7 +1073,9 @@ def main(argv: list[str]) -> dict:
     times = {"load": time.time() - t0}
     print(f"model: {config.architectures} on {device} in {dtype}, loaded in {times['load']:.1f}s")
     if depth_rows is not None:
-        cut.depth = depth_stats(teacher, depth_rows, _DEPTH_CHECK_TOKENS, cut.memo)
+        import depth_repair  # only when layers are dropped with REPAIR on
+        cut.depth = depth_repair.stats_source(teacher, depth_rows, _BATCH_SIZE, _DEPTH_CHECK_TOKENS,
+                                              cut.memo)
     t0 = time.time()
     results = score_candidates(teacher, scores, shapes, rows, protected, save_dtype, cut)
     times["prune_and_eval"] = time.time() - t0

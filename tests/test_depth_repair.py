@@ -37,7 +37,7 @@ def cut(model, layers, rows=None, damping=1e-10, **target):
     """prune_one keeping source `layers`, with the depth repair fitted on `rows` (None: none)."""
     src = common.shape_of(model.config)
     shape = {**src, "num_hidden_layers": len(layers), **target}
-    depth = prune.depth_stats(model, rows, 10 ** 6, {}) if rows is not None else None
+    depth = depth_repair.stats_source(model, rows, 4, 10 ** 6, {}) if rows is not None else None
     return prune.prune_one(model, fake_scores(model.config), shape, layers, torch.float32,
                            prune.Cut(depth=depth, damping=damping))
 
@@ -194,8 +194,8 @@ def test_the_repair_changes_which_layer_block_drops(monkeypatch, capsys):
     try:
         costs = prune.block_costs(model, rows, 4, [2, 3], 1)
         assert min(costs, key=costs.get) == (3,)
-        stats_of = prune.depth_stats(model, rows, 10 ** 6, {})
-        new = prune.repaired_costs(model, rows, 4, costs, 2, stats_of, 1e-10)
+        stats_of = depth_repair.stats_source(model, rows, 4, 10 ** 6, {})
+        new = depth_repair.rerank(model, rows, 4, costs, 2, stats_of, 1e-10)
     finally:
         for h in hooks:
             h.remove()

@@ -17,10 +17,9 @@ arXiv 2505.02819, kept ~92% of Llama-2-7B's quality with 25% of its layers gone,
 
 The result is an ordinary checkpoint (new down_proj weights, and for Olmo new gains), so it loads
 in transformers and vLLM as is. A fit is kept only where it lowers the relative error ||M' - t||
-on calibration tokens set aside for the check (as the width repair keeps only improvements).
+on calibration tokens it was not fitted on (the width repair likewise keeps only improvements).
 """
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -39,7 +38,7 @@ class RunStats:
     cross: torch.Tensor   # sum s z t^T, float64 [F, H]; s = rms(W z) post-norm, else 1
     num: torch.Tensor     # post-norm: sum t * v per channel [H] (v = N(W z)); else empty
     den: torch.Tensor     # post-norm: sum v * v per channel [H]
-    z: torch.Tensor       # the tokens set aside for the check: z [T, F], t [T, H] (float32)
+    z: torch.Tensor       # the tokens kept out of the fit for the check: z [T, F], t [T, H]
     t: torch.Tensor
 
 
@@ -68,7 +67,8 @@ def rms(u: torch.Tensor, eps: float) -> torch.Tensor:
 @torch.no_grad()
 def gather(model, family: common.Family, rows: torch.Tensor, batch_size: int, p: int, end: int,
            check_tokens: int) -> RunStats:
-    """One pass of the source over `rows` (stopped after layer end-1) collecting RunStats."""
+    """One pass of the source over `rows` (stopped after layer end-1) collecting RunStats. The
+    first `check_tokens` tokens (at most a quarter) are kept apart for the check, out of the fit."""
     layers = model.model.layers
     norm = getattr(layers[p], family.mlp_norm) if family.post_norm else None
     grab = {}
@@ -90,6 +90,8 @@ def gather(model, family: common.Family, rows: torch.Tensor, batch_size: int, p:
     cross = torch.zeros(f, h, dtype=torch.float64, device=device)
     num, den = (torch.zeros(h if norm is not None else 0, dtype=torch.float64, device=device)
                 for _ in range(2))
+    total = rows.numel()
+    check_tokens = min(check_tokens, total // 4)  # always most of the tokens for the fit
     kept_z, kept_t, kept = [], [], 0
     try:
         for ids in tqdm(list(common.batches(rows, batch_size)), desc=f"depth fit {p + 1}-{end - 1}",
@@ -108,16 +110,18 @@ def gather(model, family: common.Family, rows: torch.Tensor, batch_size: int, p:
                 s, m = 1.0, u
             # layers p and end-1 may sit on different GPUs (a model spread by device_map)
             t = (grab["h_b"].to(device) - grab["h_p1"].to(device)).flatten(0, -2).double() + m
+            take = max(0, min(check_tokens - kept, len(z)))  # the first tokens: the check's
+            if take:
+                kept_z.append(z[:take].float().cpu())
+                kept_t.append(t[:take].float().cpu())
+                kept += take
+            z, t = z[take:], t[take:]
+            s, v = (s[take:], v[take:]) if norm is not None else (s, None)
             gram += z.T @ z
             cross += z.T @ (s * t)
             if norm is not None:
                 num += (t * v).sum(0)
                 den += (v * v).sum(0)
-            if kept < check_tokens:
-                take = check_tokens - kept
-                kept_z.append(z[:take].float().cpu())
-                kept_t.append(t[:take].float().cpu())
-                kept += len(kept_z[-1])
     finally:
         for hook in hooks:
             hook.remove()
@@ -165,7 +169,7 @@ def fit(stats: RunStats, kept: list[int], gain: torch.Tensor | None,
 
 def check_error(stats: RunStats, kept: list[int], hidden: list[int], weight: torch.Tensor,
                 gain: torch.Tensor | None, eps: float) -> float:
-    """Relative error sum ||M' - t||^2 / sum ||t||^2 on the tokens set aside, where M' is what the
+    """Relative error sum ||M' - t||^2 / sum ||t||^2 on the tokens kept out of the fit, where M' is the
     pruned layer writes: weight [H', K] on the kept neurons' z, through the post-norm gain [H']
     (over the kept hidden channels H', as the pruned model computes it) when there is one."""
     z = stats.z[:, kept].double()
@@ -174,6 +178,26 @@ def check_error(stats: RunStats, kept: list[int], hidden: list[int], weight: tor
     if gain is not None:
         m = gain.double().cpu() * m / rms(m, eps)
     return (((m - t) ** 2).sum() / (t ** 2).sum().clamp(min=1e-300)).item()
+
+
+def best_fold(stats: RunStats, kept: list[int], hidden: list[int], weight: torch.Tensor,
+              gain: torch.Tensor | None, source_gain: torch.Tensor | None, damping: float,
+              gain_scale: float, eps: float) -> tuple:
+    """(weight, gain, error as cut, error after) for the layer before a run, as it is cut
+    (`weight` [H', K], `gain` [H'] or None) or refit: the best on the check tokens of the layer as
+    cut, the refit down_proj (with its refit gain) and, post-norm, the refit gain alone (on few
+    tokens the gain, H numbers, can generalise where the H x K map overfits). The refit gain is
+    `source_gain`'s refit, sliced to `hidden` and scaled by `gain_scale` as the cut's gains are."""
+    options = [(weight, gain)]
+    result = fit(stats, kept, source_gain, damping)
+    if result is not None:
+        A, g = result
+        A = A[torch.tensor(hidden, device=A.device)]
+        g = g[torch.tensor(hidden, device=g.device)] * gain_scale if g is not None else None
+        options += [(A, g)] + ([(weight, g)] if g is not None else [])
+    errors = [check_error(stats, kept, hidden, w, g, eps) for w, g in options]
+    best = min(range(len(options)), key=lambda i: (errors[i], i))  # ties: as cut
+    return (*options[best], errors[0], errors[best])
 
 
 def repair(sliced: dict, plan: dict, source: dict, n_layers: int, family: common.Family, stats_of,
@@ -193,34 +217,24 @@ def repair(sliced: dict, plan: dict, source: dict, n_layers: int, family: common
         w_key = f"model.layers.{new}.mlp.down_proj.weight"
         g_key = f"model.layers.{new}.{family.mlp_norm}.weight" if family.post_norm else None
         gain = source[f"model.layers.{p}.{family.mlp_norm}.weight"] if family.post_norm else None
-        stats = stats_of(p, end)
-        kept = plan["ffn"][new]
-        before = check_error(stats, kept, hidden, sliced[w_key], sliced[g_key] if g_key else None,
-                             eps)
-        result = fit(stats, kept, gain, damping)
-        after = math.inf
-        if result is not None:
-            A, g = result
-            A = A[torch.tensor(hidden, device=A.device)]
-            g = g[torch.tensor(hidden, device=g.device)] * gain_scale if g is not None else None
-            after = check_error(stats, kept, hidden, A, g, eps)
-        if after < before:
-            sliced[w_key] = A.to(sliced[w_key].dtype).to(sliced[w_key].device)
-            if g_key:
-                sliced[g_key] = g.to(sliced[g_key].dtype).to(sliced[g_key].device)
-        errors.append((before, min(before, after)))
+        w, g, before, after = best_fold(stats_of(p, end), plan["ffn"][new], hidden, sliced[w_key],
+                                        sliced[g_key] if g_key else None, gain, damping,
+                                        gain_scale, eps)
+        sliced[w_key] = w.to(sliced[w_key])
+        if g_key:
+            sliced[g_key] = g.to(sliced[g_key])
+        errors.append((before, after))
     if not errors:
         return None
     return sum(e[0] for e in errors) / len(errors), sum(e[1] for e in errors) / len(errors)
 
 
-
 @torch.no_grad()
 def repaired_skip_loss(model, family: common.Family, rows: torch.Tensor, batch_size: int,
                        dropped: list[int], stats_of, damping: float) -> float:
-    """Loss on `rows` with the layers `dropped` skipped and each run's repair (at full width)
-    patched into the model for the measurement, then put back: what the repair makes of that
-    choice of layers. A fit that does not lower its check error is left out, as in `repair`."""
+    """Loss on `rows` with the layers `dropped` skipped and each run's repair (at full width, as
+    `best_fold` chooses it) patched into the model for the measurement, then put back: what the
+    repair makes of that choice of layers."""
     layers = model.model.layers
     n = len(layers)
     saved = []
@@ -231,22 +245,15 @@ def repaired_skip_loss(model, family: common.Family, rows: torch.Tensor, batch_s
             layer = layers[start - 1]
             w = layer.mlp.down_proj.weight
             norm = getattr(layer, family.mlp_norm) if family.post_norm else None
-            stats = stats_of(start - 1, end)
-            everything = list(range(w.shape[1]))
             gain = norm.weight if norm is not None else None
-            result = fit(stats, everything, gain, damping)
-            if result is None:
-                continue
-            eps = norm.variance_epsilon if norm is not None else 0.0
-            channels = list(range(w.shape[0]))
-            if check_error(stats, everything, channels, result[0], result[1], eps) >= check_error(
-                    stats, everything, channels, w, gain, eps):
-                continue
+            new_w, new_g, _, _ = best_fold(stats_of(start - 1, end), list(range(w.shape[1])),
+                                           list(range(w.shape[0])), w, gain, gain, damping, 1.0,
+                                           norm.variance_epsilon if norm is not None else 0.0)
             saved.append((w, w.detach().clone()))
-            w.copy_(result[0].to(w))
+            w.copy_(new_w.to(w))
             if norm is not None:
                 saved.append((norm.weight, norm.weight.detach().clone()))
-                norm.weight.copy_(result[1].to(norm.weight))
+                norm.weight.copy_(new_g.to(norm.weight))
         return common.skip_loss(model, rows, batch_size, dropped)
     finally:
         for param, value in saved:

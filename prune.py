@@ -88,7 +88,8 @@ _REPAIR_SELECT = True                  # with the repair, cut the MLP neurons an
 _REPAIR_ROUNDS = 64                    # neurons leave in this many batches (1 per round: 44.705,
                                        # 64: 44.703, 16: 44.915 on that shape)
 _DEPTH_FIT_ROWS = 64                   # depth repair: SCORES' first calibration rows it fits on
-_DEPTH_CHECK_TOKENS = 8192             # of which tokens set aside to check each fit
+_DEPTH_CHECK_TOKENS = 8192             # of their tokens, kept out of each fit to check it (at most
+                                       # a quarter)
 _DEPTH_RERANK = 3                      # 'block' with the repair: its cheapest runs measured again
                                        # repaired, the best of those dropped (0: as without it)
 _BATCH_SIZE = 4                        # held-out rows per forward pass

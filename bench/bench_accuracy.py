@@ -12,7 +12,8 @@ SCORES: importance_analysis.py's output for the source model (with its repair st
 3. Off-policy vs on-policy (ON_POLICY 1.0 and 0.5, reverse KL) from the first shape, for the same
    steps: held-out KL and the in-loop accuracy.
 Every distillation: 4 rows x 128 tokens per step of DATA_TXT, LR 1e-4, 16 rows held out.
-Results go to OUT_DIR/accuracy.json as each part finishes.
+The cheap parts first (distill.py's in-loop suite), evaluate.py's suite last. Results go to
+OUT_DIR/accuracy.json as each part finishes; a rerun reads the outputs already written.
 """
 
 import json
@@ -39,24 +40,34 @@ def stderr_of_mean(acc: dict, n: int) -> float:
 
 
 def do_prune(scores, data, out, *args):
+    if (Path(out) / "pare.json").exists():  # written by an earlier run of this bench
+        return common.read_record(out)["metrics"]["kl"]
     prune._EVAL_TASKS = []  # accuracy comes from evaluate.py and distill.py's first evaluation
     return prune.main([f"SCORES={scores}", f"DATASET={data}", "NUM_SAMPLES=8", "SEQ_LEN=256",
-                       f"OUTPUT={out}", *args])
+                       f"OUTPUT={out}", *args])["results"][0]["metrics"]["kl"]
 
 
 def do_distill(student, data, out, steps, *args):
+    if (Path(out) / "pare.json").exists():
+        s = common.read_record(out)["distill"]["metrics"]
+        return summary(s["start"], s["final"])
     distill._CHECKPOINT_EVERY, distill._EVAL_EVERY = 0, 10 ** 9  # held-out: at start and end
     s = distill.main([f"STUDENT={student}", f"DATASET={data}", f"OUTPUT={out}", "EVAL_SAMPLES=16",
                       "SEQ_LEN=128", "BATCH_SIZE=4", "GLOBAL_BATCH=4", f"MAX_STEPS={steps}",
                       "LR=1e-4", "DEVICE=cpu", *args])
-    return {"start_kl": s["start"]["kl"], "kl": s["final"]["kl"], "ppl": s["final"]["student_ppl"],
-            "start_acc": s["start"]["accuracy"], "acc": s["final"]["accuracy"],
-            "acc_se": stderr_of_mean(s["final"]["downstream"], IN_LOOP_DOCS),
-            "downstream": s["final"]["downstream"]}
+    return summary(s["start"], s["final"])
+
+
+def summary(start: dict, final: dict) -> dict:
+    return {"start_kl": start["kl"], "kl": final["kl"], "ppl": final["student_ppl"],
+            "start_acc": start["accuracy"], "acc": final["accuracy"],
+            "acc_se": stderr_of_mean(final["downstream"], IN_LOOP_DOCS),
+            "start_downstream": start["downstream"], "downstream": final["downstream"]}
 
 
 def do_evaluate(model, out, limit):
-    r = evaluate.main([f"MODEL={model}", f"LIMIT={limit}", "DEVICE=cpu", f"OUTPUT={out}"])
+    r = (json.loads(Path(out).read_text()) if Path(out).exists() else
+         evaluate.main([f"MODEL={model}", f"LIMIT={limit}", "DEVICE=cpu", f"OUTPUT={out}"]))
     mean = sum(t["primary"] for t in r["tasks"].values()) / len(r["tasks"])
     se = math.sqrt(sum(t["stderr"] ** 2 for t in r["tasks"].values())) / len(r["tasks"])
     row = {"mean": mean, "se": se, **{k: (t["primary"], t["stderr"]) for k, t in r["tasks"].items()}}
@@ -65,32 +76,29 @@ def do_evaluate(model, out, limit):
     return row
 
 
-def main(scores, data, out, steps=60, limit=30):
+def main(scores, data, out, steps=60, limit=20):
     out, results = Path(out), {}
 
     def save():
         (out / "accuracy.json").write_text(json.dumps(results, indent=2) + "\n")
 
     out.mkdir(parents=True, exist_ok=True)
-    # 1. two shapes, pruned and distilled, on evaluate.py's suite
+    # 1. two shapes, pruned and distilled (in-loop accuracy)
     for name, args in SHAPES.items():
-        p = do_prune(scores, data, out / name, *args)
-        d = do_distill(out / name, data, out / f"{name}-distilled", steps)
-        results[name] = {"pruned_kl": p["results"][0]["metrics"]["kl"], "distill": d,
-                         "pruned": do_evaluate(out / name, out / f"{name}-eval.json", limit),
-                         "distilled": do_evaluate(out / f"{name}-distilled",
-                                                  out / f"{name}-distilled-eval.json", limit)}
+        results[name] = {"pruned_kl": do_prune(scores, data, out / name, *args),
+                         "distill": do_distill(out / name, data, out / f"{name}-distilled", steps)}
         save()
     # 2. a budget search: zero-shot KL ranking vs accuracy after a short distillation
     src = common.load_config(common.read_record(out / "ffn768")["source_model"])
     budget = 0.75 * common.param_count(common.shape_of(src), src)["total"]
-    search = do_prune(scores, data, out / "budget", f"TARGET_PARAMS={budget:.0f}", "SAVE_TOP=3")
+    do_prune(scores, data, out / "budget", f"TARGET_PARAMS={budget:.0f}", "SAVE_TOP=3")
     cands = []
-    for rank, res in enumerate(search["results"][:3], 1):
+    for rank in (1, 2, 3):
         path = out / ("budget" if rank == 1 else f"budget-{rank}")
+        record = common.read_record(path)
         d = do_distill(path, data, out / f"{path.name}-distilled", steps)
-        cands.append({"shape": {k: res["shape"][k] for k in ("hidden_size", "intermediate_size")},
-                      "zero_shot_kl": res["metrics"]["kl"], **d})
+        cands.append({"shape": {k: record["shape"][k] for k in ("hidden_size", "intermediate_size")},
+                      "zero_shot_kl": record["metrics"]["kl"], **d})
     zs, kl, acc = ([c[k] for c in cands] for k in ("zero_shot_kl", "kl", "acc"))
     results["search"] = {"budget": budget, "candidates": cands,
                          "tau_zero_shot_kl_vs_acc": kendall_tau([-x for x in zs], acc),
@@ -104,6 +112,11 @@ def main(scores, data, out, steps=60, limit=30):
         results["policy"][name] = do_distill(out / first, data, out / f"{first}-{name}", steps,
                                              f"ON_POLICY={lam}", "DIVERGENCE=reverse_kl")
         save()
+    # 4. evaluate.py's suite: the source (as the teacher), both shapes pruned and distilled
+    for name in SHAPES:
+        for kind, path in (("pruned", out / name), ("distilled", out / f"{name}-distilled")):
+            results[name][kind] = do_evaluate(path, out / f"{path.name}-eval.json", limit)
+            save()
 
     print(f"\n{'model':<22} {'KL':>7} {'acc (7 tasks)':>15}")
     for name in SHAPES:

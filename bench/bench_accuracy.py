@@ -9,8 +9,8 @@ SCORES: importance_analysis.py's output for the source model (with its repair st
 2. A TARGET_PARAMS search at 3/4 of the source's parameters: its 3 best candidates by zero-shot
    KL, each distilled STEPS steps; the ranks by zero-shot KL, by KL after and by accuracy after
    (distill.py's in-loop suite), and Kendall's tau between them.
-3. Off-policy vs on-policy (ON_POLICY 1.0 and 0.5, reverse KL) from the first shape, for the same
-   steps: held-out KL and the in-loop accuracy.
+3. Off-policy vs on-policy (ON_POLICY=1.0, reverse KL) from the first shape, for the same steps:
+   held-out KL and the in-loop accuracy.
 Every distillation: 4 rows x 128 tokens per step of DATA_TXT, LR 1e-4, 16 rows held out.
 The cheap parts first (distill.py's in-loop suite), evaluate.py's suite last. Results go to
 OUT_DIR/accuracy.json as each part finishes; a rerun reads the outputs already written.
@@ -108,7 +108,7 @@ def main(scores, data, out, steps=60, limit=20):
     # 3. off- vs on-policy, from the first shape
     first = next(iter(SHAPES))
     results["policy"] = {"off": results[first]["distill"]}
-    for name, lam in (("on", 1.0), ("mix", 0.5)):
+    for name, lam in (("on", 1.0),):
         results["policy"][name] = do_distill(out / first, data, out / f"{first}-{name}", steps,
                                              f"ON_POLICY={lam}", "DIVERGENCE=reverse_kl")
         save()

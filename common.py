@@ -1041,12 +1041,11 @@ def lm_loss(model, ids: torch.Tensor, chunk_tokens: int = 4096) -> tuple[float, 
 
 
 @torch.no_grad()
-def skip_loss(model, rows: torch.Tensor, batch_size: int, skip=()) -> float:
-    """Mean LM loss on `rows` with the decoder layers in `skip` replaced by the identity.
-
-    Skipping is a forward hook that returns the block's input as its output, so the model is
-    never edited (layer indices, layer_types and the KV cache stay consistent).
-    """
+@contextlib.contextmanager
+def skipping(model, skip=()):
+    """Within this block the decoder layers in `skip` act as the identity: a forward hook returns
+    the block's input as its output, so the model is never edited (layer indices, layer_types
+    and the KV cache stay consistent)."""
     def identity(mod, args, kwargs, out):
         h_in = args[0] if args else kwargs["hidden_states"]
         return (h_in, *out[1:]) if isinstance(out, tuple) else h_in
@@ -1054,13 +1053,19 @@ def skip_loss(model, rows: torch.Tensor, batch_size: int, skip=()) -> float:
     handles = [model.model.layers[i].register_forward_hook(identity, with_kwargs=True)
                for i in skip]
     try:
-        total = count = 0
-        for ids in batches(rows, batch_size):
-            s, c = lm_loss(model, ids)
-            total, count = total + s, count + c
+        yield
     finally:
         for h in handles:
             h.remove()
+
+
+def skip_loss(model, rows: torch.Tensor, batch_size: int, skip=()) -> float:
+    """Mean LM loss on `rows` with the decoder layers in `skip` replaced by the identity."""
+    total = count = 0
+    with skipping(model, skip):
+        for ids in batches(rows, batch_size):
+            s, c = lm_loss(model, ids)
+            total, count = total + s, count + c
     return total / count
 
 

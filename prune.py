@@ -590,6 +590,18 @@ def refit(w: torch.Tensor, gram: torch.Tensor, kept: list[int], damping: float) 
     return (A if after < before else sliced).to(w.dtype), before, min(before, after)
 
 
+def damped_inverse(w: torch.Tensor, gram: torch.Tensor, damping: float) -> tuple | None:
+    """(W in float64, (G + lambda I)^-1) for the surgeon, lambda = damping x the mean diagonal of
+    G; None when G + lambda I cannot be factored."""
+    W, G = w.double(), gram.to(w.device).double()
+    n = G.shape[0]
+    lam = damping * G.diagonal().mean().clamp(min=1e-30)
+    chol, info = torch.linalg.cholesky_ex(G + lam * torch.eye(n, dtype=G.dtype, device=G.device))
+    if info != 0 or not torch.isfinite(chol).all():
+        return None
+    return W, torch.cholesky_inverse(chol)
+
+
 def surgeon_keep(w: torch.Tensor, gram: torch.Tensor, n_keep: int, damping: float,
                  rounds: int) -> list[int] | None:
     """The `n_keep` inputs of y = W x to keep so that refitting W on them (refit) loses the least:
@@ -600,13 +612,11 @@ def surgeon_keep(w: torch.Tensor, gram: torch.Tensor, n_keep: int, damping: floa
     own cost: two that could stand in for each other may leave together, so rounds should be
     many). Sorted indices, or None when H cannot be factored.
     """
-    W, G = w.double(), gram.to(w.device).double()
-    n = G.shape[0]
-    lam = damping * G.diagonal().mean().clamp(min=1e-30)
-    chol, info = torch.linalg.cholesky_ex(G + lam * torch.eye(n, dtype=G.dtype, device=G.device))
-    if info != 0 or not torch.isfinite(chol).all():
+    inverse = damped_inverse(w, gram, damping)
+    if inverse is None:
         return None
-    Hi = torch.cholesky_inverse(chol)
+    W, Hi = inverse
+    n = Hi.shape[0]
     alive = torch.ones(n, dtype=torch.bool, device=W.device)
     cut, per = 0, max(1, math.ceil((n - n_keep) / rounds))
     while cut < n - n_keep:
@@ -625,13 +635,10 @@ def surgeon_heads(w: torch.Tensor, gram: torch.Tensor, head_dim: int, groups: li
     so that refitting o_proj on them loses the least: surgeon_keep's criterion for whole heads,
     each a block S of `head_dim` input columns, whose cut costs tr(W_S [(H^-1)_SS]^-1 W_S^T).
     One head leaves per round (heads are few). Sorted, or None when H cannot be factored."""
-    W, G = w.double(), gram.to(w.device).double()
-    n = G.shape[0]
-    lam = damping * G.diagonal().mean().clamp(min=1e-30)
-    chol, info = torch.linalg.cholesky_ex(G + lam * torch.eye(n, dtype=G.dtype, device=G.device))
-    if info != 0 or not torch.isfinite(chol).all():
+    inverse = damped_inverse(w, gram, damping)
+    if inverse is None:
         return None
-    Hi = torch.cholesky_inverse(chol)
+    W, Hi = inverse
     alive = [list(g) for g in groups]
 
     def cols(h):

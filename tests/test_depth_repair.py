@@ -217,16 +217,8 @@ def test_the_repair_changes_which_layer_block_drops(monkeypatch, capsys):
     rows = ids(8, 32, seed=1)
 
     def skipping(skip):
-        def identity(mod, args, kwargs, out):
-            h = args[0] if args else kwargs["hidden_states"]
-            return (h, *out[1:]) if isinstance(out, tuple) else h
-        handles = [model.model.layers[i].register_forward_hook(identity, with_kwargs=True)
-                   for i in skip]
-        try:
+        with common.skipping(model, skip):
             return logits(model, rows)
-        finally:
-            for h in handles:
-                h.remove()
     want = skipping(())
     monkeypatch.setattr(common, "skip_loss", lambda m, r, b, skip=(): (
         (skipping(skip) - want).pow(2).mean().item()))
